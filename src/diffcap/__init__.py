@@ -1,0 +1,3 @@
+"""diffcap: image captioning with continuous diffusion language models."""
+
+__version__ = "0.1.0"

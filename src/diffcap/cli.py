@@ -1,0 +1,149 @@
+"""The `diffcap` command: each subcommand parses its arguments and calls one function."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def _data_files(data: str) -> tuple[Path, Path]:
+    """A data directory of the contract: captions.jsonl (or .csv) and features.safetensors."""
+    root = Path(data)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: data directory not found")
+    captions = next((root / n for n in ("captions.jsonl", "captions.csv") if (root / n).exists()), None)
+    if captions is None:
+        raise FileNotFoundError(f"{root}: no captions.jsonl or captions.csv")
+    features = root / "features.safetensors"
+    if not features.exists():
+        raise FileNotFoundError(f"{features}: feature file not found")
+    return captions, features
+
+
+def cmd_train(args) -> None:
+    from .config import Config
+    from .train import Trainer
+
+    cfg = Config.load(args.config, args.overrides)
+    stats = Trainer(cfg, args.out).train(resume=not args.no_resume)
+    print(json.dumps(stats))
+
+
+def cmd_sample(args) -> None:
+    from .data.contract import FeatureStore
+    from .evaluate import write_coco_results
+    from .pipeline import CaptionPipeline
+
+    pipe = CaptionPipeline.from_pretrained(args.run, device=args.device)
+    store = FeatureStore.open(args.features)
+    ids = args.ids or store.ids
+    result = pipe(store.get(ids), seed=args.seed, **_sampler_overrides(args))
+    for image_id, text in zip(ids, result.texts):
+        print(f"{image_id}\t{text}")
+    if args.out:
+        write_coco_results(args.out, dict(zip(ids, result.texts)))
+
+
+def cmd_eval(args) -> None:
+    from .evaluate import evaluate_run
+
+    captions, features = _data_files(args.data)
+    out = Path(args.out) if args.out else Path(args.run) / f"eval-{args.split}"
+    metrics = evaluate_run(args.run, captions, features, args.split, out, device=args.device,
+                           seed=args.seed, **_sampler_overrides(args))
+    print(json.dumps(metrics, indent=2))
+
+
+def cmd_demo(args) -> None:
+    from .demo import QUICK, DemoSize, run_demo
+
+    metrics = run_demo(args.out, QUICK if args.quick else DemoSize(), overrides=args.overrides)
+    print(json.dumps(metrics, indent=2))
+    print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'report.html'}")
+
+
+def cmd_caption(args) -> None:
+    from .images import caption_images
+
+    for path, text in caption_images(args.images, args.run, device=args.device, seed=args.seed):
+        print(f"{path}\t{text}")
+
+
+def _sampler_overrides(args) -> dict:
+    names = {"steps": "steps", "method": "method", "guidance": "guidance_scale", "mbr": "mbr"}
+    return {field: getattr(args, flag) for flag, field in names.items() if getattr(args, flag, None) is not None}
+
+
+def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, help="sampling steps (default: the run's)")
+    p.add_argument("--method", choices=["ddim", "ddpm", "refine"])
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    p.add_argument("--mbr", type=int, help="minimum Bayes risk over this many samples")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffcap", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a captioner")
+    p.add_argument("--config", default=None, help="YAML file of overrides (defaults live in code)")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--no-resume", action="store_true", help="start over even if the run directory has a checkpoint")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=500")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="caption the items of a feature file")
+    p.add_argument("--run", required=True)
+    p.add_argument("--features", required=True)
+    p.add_argument("--ids", nargs="*", help="image ids (default: all)")
+    p.add_argument("--out", help="write COCO-format results JSON here")
+    _add_sampler_flags(p)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("eval", help="coco-caption metrics of a run on one split")
+    p.add_argument("--run", required=True)
+    p.add_argument("--data", required=True, help="directory with captions.jsonl|csv and features.safetensors")
+    p.add_argument("--split", required=True)
+    p.add_argument("--out", help="output directory (default RUN/eval-SPLIT)")
+    _add_sampler_flags(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="synthetic scenes, trained and captioned end to end")
+    p.add_argument("--out", default="demo_out")
+    p.add_argument("--quick", action="store_true", help="a tiny run that only checks the plumbing")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides of the demo config")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("caption", help="caption image files with a trained run")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--run", required=True)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_caption)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    from .checkpoint import RunDirError
+    from .config import ConfigError
+    from .data.contract import DataError
+
+    try:
+        args.func(args)
+    except (ConfigError, DataError, RunDirError, FileNotFoundError, ValueError) as exc:
+        if args.verbose:
+            raise
+        print(f"diffcap {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""Configuration: one dataclass per component, defaults in code, YAML files hold overrides only.
+
+A run's resolved config is saved as ``config.json`` in its run directory, and everything needed to
+rebuild the model and sampler is derived from it (see :mod:`diffcap.pipeline`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be applied (unknown key, bad value)."""
+
+
+@dataclass
+class DataConfig:
+    captions: str = ""  # JSONL or CSV of (image_id, caption, split); see docs/data-contract.md
+    features: str = ""  # safetensors file keyed by image id
+    train_split: str = "train"
+    val_split: str = "val"
+    overfit_n: int = 0  # debug: train on the first N examples only (the seed's single-sample trials)
+
+
+@dataclass
+class TextConfig:
+    tokenizer: str = "word_level"  # "word_level" or a pretrained WordPiece tokenizer (path or hub id)
+    min_count: int = 1  # word-level vocabulary: rarer words become [UNK]
+    max_length: int = 20
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "diffusion"
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    dropout: float = 0.1
+    # Initialise the transformer body from a BERT-family checkpoint (DistilBERT in the seed).
+    backbone: str | None = None
+    # "learned": trained embeddings of width emb_dim projected to d_model (Diffusion-LM, arXiv 2205.14217).
+    # Otherwise a path or hub id whose input embeddings are used frozen (the seed's DistilBERT setting).
+    embedding: str = "learned"
+    emb_dim: int = 64
+    # Fixed-norm embeddings (each row rescaled to RMS emb_scale per coordinate); Difformer
+    # (arXiv 2212.09412) shows that free norms let the model escape the noise by growing them.
+    emb_normalize: bool = True
+    emb_scale: float = 1.0
+    time_embedding: bool = True  # sinusoidal timestep embedding; the seed had none
+    self_condition: bool = True  # Bit Diffusion, arXiv 2208.04202
+    fusion: str = "concat"  # "add" (like a time embedding) or "concat" (extra tokens + segment embedding)
+    image_encoder: str | None = None  # "cnn": raw pixels go through a small CNN trained jointly (demo)
+    cond_dim: int = 0  # condition width C; filled in from the feature file
+    cond_tokens: int = 0  # condition tokens N (1 for a pooled vector); filled in from the feature file
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = "sqrt"  # linear (DDPM), cosine (improved DDPM), sqrt (Diffusion-LM)
+    num_timesteps: int = 2000
+    objective: str = "x0"  # x0, eps, or xtk (predict x_{t-k}, the seed's x_{t-30})
+    step_gap: int = 30  # k of the xtk objective
+    loss: str = "l1"  # l1 or mse on the objective
+    rounding_weight: float = 0.3  # cross-entropy of the tied rounding head; the seed's best
+    restore_weight: float = 0.0  # Diffusion-LM's x_1 -> embedding restore term
+    prior_weight: float = 1.0  # Diffusion-LM's prior term ||sqrt(abar_T) x0||^2
+    timesteps_per_caption: int = 1  # the seed's SAMPLE_SIZE
+    timestep_sampler: str = "uniform"  # uniform or loss_aware (improved DDPM importance sampling)
+    cond_dropout: float = 0.1  # classifier-free guidance, arXiv 2207.12598
+
+
+@dataclass
+class SamplerConfig:
+    method: str = "ddim"  # ddim, ddpm, or refine (the seed's loop that never re-noises)
+    steps: int = 20
+    clamp: bool = True  # snap x0 to the nearest embedding (Diffusion-LM's clamping trick)
+    guidance_scale: float = 1.0
+    mbr: int = 1  # minimum Bayes risk selection among this many samples
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 1e-4
+    final_lr: float = 5e-5  # the seed decayed linearly from 1e-4 to 5e-5
+    lr_schedule: str = "linear"  # linear, cosine or constant, after warm-up
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    ema_decay: float = 0.999
+    mixed_precision: str = "no"  # no, bf16, fp16 (Accelerate)
+    eval_every: int = 500
+    eval_images: int = 100  # validation subset for CIDEr
+    save_every: int = 1000
+    log_every: int = 50
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "Config":
+        cfg = cls()
+        apply_dict(cfg, data, source)
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] = ()) -> "Config":
+        """Defaults, then the YAML/JSON file at ``path`` (if any), then ``key.sub=value`` overrides."""
+        cfg = cls()
+        if path:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"{path}: config file not found")
+            try:
+                data = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+            if not isinstance(data, dict):
+                raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+            apply_dict(cfg, data, str(path))
+        for item in overrides:
+            apply_override(cfg, item)
+        validate(cfg)
+        return cfg
+
+
+def apply_dict(obj: Any, data: dict[str, Any], source: str, prefix: str = "") -> None:
+    names = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"{source}: unknown config key '{dotted}'; valid keys here: {sorted(names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: '{dotted}' is a section and needs a mapping")
+            apply_dict(current, value, source, dotted + ".")
+        else:
+            setattr(obj, key, _coerce(value, current, dotted, source))
+
+
+def apply_override(cfg: Config, item: str) -> None:
+    """Apply one ``section.key=value`` override; the value is parsed as YAML (numbers, bools, null)."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like section.key=value")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    nested: Any = value
+    for part in reversed(key.strip().split(".")):
+        nested = {part: nested}
+    apply_dict(cfg, nested, "command line")
+
+
+def _coerce(value: Any, current: Any, key: str, source: str) -> Any:
+    # bool is a subclass of int: check it first so "steps=true" is rejected.
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: '{key}' must be true or false, got {value!r}")
+        return value
+    if isinstance(current, int) and not isinstance(current, bool):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: '{key}' must be an integer, got {value!r}")
+        return value
+    if isinstance(current, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
+        return float(value)
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"{source}: '{key}' must be a string, got {value!r}")
+    return value
+
+
+_CHOICES = {
+    ("model", "kind"): ("diffusion",),
+    ("model", "fusion"): ("add", "concat"),
+    ("model", "image_encoder"): (None, "cnn"),
+    ("diffusion", "schedule"): ("linear", "cosine", "sqrt"),
+    ("diffusion", "objective"): ("x0", "eps", "xtk"),
+    ("diffusion", "loss"): ("l1", "mse"),
+    ("diffusion", "timestep_sampler"): ("uniform", "loss_aware"),
+    ("sampler", "method"): ("ddim", "ddpm", "refine"),
+    ("train", "lr_schedule"): ("linear", "cosine", "constant"),
+    ("train", "mixed_precision"): ("no", "bf16", "fp16"),
+}
+
+
+def validate(cfg: Config) -> None:
+    for (section, key), allowed in _CHOICES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value not in allowed:
+            raise ConfigError(f"'{section}.{key}' is {value!r}; choose one of {list(allowed)}")
+    if cfg.model.d_model % cfg.model.n_heads:
+        raise ConfigError(f"model.d_model={cfg.model.d_model} is not divisible by model.n_heads={cfg.model.n_heads}")
+    if cfg.diffusion.timesteps_per_caption < 1:
+        raise ConfigError("diffusion.timesteps_per_caption must be >= 1")
+    if cfg.sampler.steps < 1 or cfg.sampler.steps > cfg.diffusion.num_timesteps:
+        raise ConfigError(f"sampler.steps must be in 1..{cfg.diffusion.num_timesteps}")
+    if not 0.0 <= cfg.diffusion.cond_dropout < 1.0:
+        raise ConfigError("diffusion.cond_dropout must be in [0, 1)")

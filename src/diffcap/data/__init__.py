@@ -1,0 +1,1 @@
+"""Data loading for diffcap: the caption/feature contract and dataset builders."""

@@ -1,0 +1,74 @@
+"""Caption/feature pairs for training and per-image references for evaluation, from the data contract."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from ..text.tokenizer import CaptionTokenizer
+from .contract import CaptionRecord, DataError, FeatureStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SplitData:
+    """One split: unique images with their features and references, and every caption as token ids."""
+
+    name: str
+    image_ids: list[str]  # unique images, in file order
+    features: torch.Tensor  # [n_images x ...] aligned with image_ids
+    references: dict[str, list[str]]
+    caption_ids: torch.Tensor  # [n_captions x L]
+    caption_image: torch.Tensor  # [n_captions] index into image_ids
+
+    def subset(self, n: int) -> "SplitData":
+        """The first n captions and their images (the seed's overfit-first trials)."""
+        keep = self.caption_image[:n]
+        images = sorted(set(keep.tolist()))
+        remap = {old: new for new, old in enumerate(images)}
+        ids = [self.image_ids[i] for i in images]
+        return SplitData(self.name, ids, self.features[images], {i: self.references[i] for i in ids},
+                         self.caption_ids[:n], torch.tensor([remap[i] for i in keep.tolist()]))
+
+
+def load_split(records: list[CaptionRecord], store: FeatureStore, tokenizer: CaptionTokenizer, split: str,
+               captions_path: str | Path = "captions") -> SplitData:
+    rows = [r for r in records if r.split == split]
+    if not rows:
+        found = sorted({r.split for r in records})
+        raise DataError(f"{captions_path}: no captions in split {split!r} (splits present: {found})")
+    image_ids = list(dict.fromkeys(r.image_id for r in rows))
+    missing = [i for i in image_ids if i not in store]
+    if missing:
+        raise DataError(f"{store.path}: no features for {len(missing)} image(s) of {captions_path}, "
+                        f"e.g. {missing[:5]}")
+    index = {image_id: i for i, image_id in enumerate(image_ids)}
+    references: dict[str, list[str]] = {i: [] for i in image_ids}
+    for r in rows:
+        references[r.image_id].append(r.caption)
+    captions = [r.caption for r in rows]
+    too_long = sum(n > tokenizer.max_length for n in tokenizer.lengths_before_truncation(captions))
+    if too_long:
+        log.warning("%s: %d of %d %s captions are longer than max_length=%d tokens and were truncated",
+                    captions_path, too_long, len(rows), split, tokenizer.max_length)
+    return SplitData(
+        name=split, image_ids=image_ids, features=store.get(image_ids), references=references,
+        caption_ids=tokenizer.encode(captions), caption_image=torch.tensor([index[r.image_id] for r in rows]),
+    )
+
+
+class CaptionPairs(Dataset):
+    """(token ids [L], features [...]) for every caption of a split."""
+
+    def __init__(self, split: SplitData):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split.caption_ids)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.split.caption_ids[i], self.split.features[self.split.caption_image[i]]

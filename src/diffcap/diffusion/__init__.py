@@ -1,0 +1,1 @@
+"""Noise schedules, the Gaussian diffusion process with its training losses, and samplers."""

@@ -1,0 +1,111 @@
+"""Gaussian diffusion over word embeddings: the forward process and the training losses.
+
+The schedule lives here as buffers; the denoiser never sees it. Losses come back as a dict of named
+terms so each can be logged (improved-diffusion style), plus per-sample values and timesteps for the
+loss-per-quartile report.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import DiffusionConfig
+from .objectives import make_objective
+from .schedules import alpha_bar, make_betas
+from .timesteps import make_timestep_sampler
+
+
+class GaussianDiffusion(nn.Module):
+    def __init__(self, cfg: DiffusionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.num_timesteps = cfg.num_timesteps
+        betas = make_betas(cfg.schedule, cfg.num_timesteps)
+        ab = torch.tensor(alpha_bar(betas), dtype=torch.float32)
+        self.register_buffer("betas", torch.tensor(betas, dtype=torch.float32), persistent=False)
+        self.register_buffer("alpha_bar", ab, persistent=False)
+        self.register_buffer("a", ab.sqrt(), persistent=False)
+        self.register_buffer("s", (1 - ab).sqrt(), persistent=False)
+        # Index 0 is the clean data, index t+1 timestep t: lets x_{t-k} reach "t = -1" without branches.
+        self.register_buffer("a_ext", torch.cat([torch.ones(1), ab.sqrt()]), persistent=False)
+        self.register_buffer("s_ext", torch.cat([torch.zeros(1), (1 - ab).sqrt()]), persistent=False)
+        self.objective = make_objective(cfg.objective, self, cfg.step_gap)
+        self.timesteps = make_timestep_sampler(cfg.timestep_sampler, cfg.num_timesteps)
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t ~ q(x_t | x0) = N(sqrt(abar_t) x0, (1 - abar_t) I); [B x L x D]."""
+        return self.a[t][:, None, None] * x0 + self.s[t][:, None, None] * noise
+
+    def predict_x0(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.objective.to_x0(out, x_t, t)
+
+    def _distance(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        diff = pred - target
+        d = diff.abs() if self.cfg.loss == "l1" else diff.pow(2)
+        return d.mean(dim=(1, 2))  # (B,)
+
+    def training_losses(self, model, ids: torch.Tensor, features: torch.Tensor,
+                        t: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Losses for one batch.
+
+        Args:
+            model: a :class:`~diffcap.models.captioner.DiffusionCaptioner` (possibly wrapped).
+            ids: [B x L] token ids.
+            features: [B x ...] features as stored in the feature file.
+            t: [B*K] fixed timesteps (validation per quartile); drawn by the timestep sampler if None.
+        Returns:
+            dict with the scalar ``loss`` and its terms, plus ``per_sample`` [B*K] and ``t`` [B*K].
+        """
+        cfg = self.cfg
+        core = getattr(model, "module", model)  # DDP wraps the module
+        cond = core.encode_condition(features)  # (B, N, C), computed once for the K timesteps
+        k = cfg.timesteps_per_caption
+        if k > 1:  # the seed's SAMPLE_SIZE: several noise levels per caption in one step
+            ids, cond = ids.repeat(k, 1), cond.repeat(k, 1, 1)
+        batch = ids.shape[0]
+        x0 = core.embedding(ids)  # (B, L, D)
+        if t is None:
+            t, weights = self.timesteps.sample(batch, ids.device)
+            learn_timesteps = True
+        else:
+            weights, learn_timesteps = torch.ones(batch, device=ids.device), False
+        noise = torch.randn_like(x0)
+        x_t = self.q_sample(x0, t, noise)
+        drop = torch.rand(batch, device=ids.device) < cfg.cond_dropout
+
+        self_cond = None
+        if core.cfg.self_condition:
+            # Bit Diffusion: half the time, first estimate x0 without gradient and feed it back in.
+            with torch.no_grad():
+                first = self.predict_x0(model(x_t, t, cond, None, drop), x_t, t)
+            use = (torch.rand(batch, device=ids.device) < 0.5)[:, None, None]
+            self_cond = torch.where(use, first, torch.zeros_like(first)).detach()
+
+        out = model(x_t, t, cond, self_cond, drop)
+        per_sample = self._distance(out, self.objective.target(x0, noise, t))
+        x0_hat = self.predict_x0(out, x_t, t)
+        logits = core.embedding.logits(x0_hat)  # (B, L, V)
+        rounding = nn.functional.cross_entropy(logits.transpose(1, 2).float(), ids, reduction="none").mean(dim=1)
+        # Diffusion-LM's prior term: E||sqrt(abar_T) x0||^2 keeps learned embedding norms from growing
+        # until x_T is no longer pure noise (zero gradient for frozen or normalised tables).
+        prior = (self.alpha_bar[-1] * x0.pow(2)).mean(dim=(1, 2))
+        if learn_timesteps:
+            self.timesteps.update(t, per_sample + cfg.rounding_weight * rounding)
+
+        terms = {
+            "diffusion": (weights * per_sample).mean(),
+            "rounding": (weights * rounding).mean(),
+            "prior": prior.mean(),
+        }
+        loss = terms["diffusion"] + cfg.rounding_weight * terms["rounding"] + cfg.prior_weight * terms["prior"]
+        if cfg.restore_weight > 0:
+            # Diffusion-LM's t=0 term: from x_1 the model must give back the embeddings themselves.
+            t0 = torch.zeros_like(t)
+            x_1 = self.q_sample(x0, t0, torch.randn_like(x0))
+            restored = self.predict_x0(model(x_1, t0, cond, None, drop), x_1, t0)
+            terms["restore"] = self._distance(restored, x0).mean()
+            loss = loss + cfg.restore_weight * terms["restore"]
+        terms["loss"] = loss
+        terms["per_sample"] = (per_sample + cfg.rounding_weight * rounding).detach()
+        terms["t"] = t
+        return terms

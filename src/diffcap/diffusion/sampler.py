@@ -1,0 +1,143 @@
+"""Sampling: DDIM, DDPM ancestral, and the seed's refine-without-re-noising loop.
+
+The loop follows diffusers' set_timesteps / step contract and uses its DDIM and DDPM schedulers on our
+own betas. We always hand the scheduler an x0 estimate (``prediction_type="sample"``), because the
+steps between the network and the scheduler work on x0: objective conversion, classifier-free
+guidance, and Diffusion-LM's clamping trick (each a small function below). All randomness goes through
+one ``torch.Generator``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from ..config import SamplerConfig
+from .diffusion import GaussianDiffusion
+
+
+def make_scheduler(method: str, diffusion: GaussianDiffusion, steps: int):
+    common = dict(
+        num_train_timesteps=diffusion.num_timesteps,
+        trained_betas=diffusion.betas.cpu().numpy(),
+        prediction_type="sample",
+        clip_sample=False,
+        # "trailing" starts at t = T-1, i.e. from pure noise, even with very few steps
+        # (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed").
+        timestep_spacing="trailing",
+    )
+    if method == "ddim":
+        scheduler = DDIMScheduler(**common, set_alpha_to_one=True)
+    elif method in ("ddpm", "refine"):
+        scheduler = DDPMScheduler(**common)
+    else:
+        raise ValueError(f"unknown sampler {method!r}; choose ddim, ddpm or refine")
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def guide(x0_cond: torch.Tensor, x0_uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance on the x0 estimate (Ho & Salimans 2022, arXiv 2207.12598)."""
+    return x0_uncond + scale * (x0_cond - x0_uncond)
+
+
+@dataclass
+class SampleOutput:
+    ids: torch.Tensor  # [B x L]
+    trajectory: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (t, [B x L] ids of x0_hat)
+
+
+class Sampler:
+    """Turns condition features into token ids with a trained captioner."""
+
+    def __init__(self, model, diffusion: GaussianDiffusion, cfg: SamplerConfig, seq_len: int, pad_id: int = 0):
+        self.model, self.diffusion, self.cfg, self.seq_len, self.pad_id = model, diffusion, cfg, seq_len, pad_id
+
+    def _x0(self, x_t, t, cond, self_cond):
+        """One network evaluation (two with guidance) -> x0 estimate [B x L x D]."""
+        batch = x_t.shape[0]
+        tt = torch.full((batch,), int(t), device=x_t.device, dtype=torch.long)
+        scale = self.cfg.guidance_scale
+        if scale == 1.0:
+            out = self.model(x_t, tt, cond, self_cond, None)
+            return self.diffusion.predict_x0(out, x_t, tt)
+        two = lambda z: None if z is None else torch.cat([z, z])  # noqa: E731
+        drop = torch.cat([torch.zeros(batch, dtype=torch.bool), torch.ones(batch, dtype=torch.bool)]).to(x_t.device)
+        out = self.model(two(x_t), torch.cat([tt, tt]), two(cond), two(self_cond), drop)
+        x0 = self.diffusion.predict_x0(out, two(x_t), torch.cat([tt, tt]))
+        return guide(x0[:batch], x0[batch:], scale)
+
+    @torch.no_grad()
+    def sample(self, features: torch.Tensor, generator: torch.Generator | None = None,
+               trajectory: bool = False) -> SampleOutput:
+        """features [B x ...] -> ids [B x L]; with ``cfg.mbr = k`` it draws k samples per input and keeps
+        the minimum-Bayes-risk one."""
+        k = self.cfg.mbr
+        cond = self.model.encode_condition(features)
+        if k > 1:
+            cond = cond.repeat_interleave(k, dim=0)
+        out = self._loop(cond, generator, trajectory)
+        if k > 1:
+            out = select_mbr(out, k, self.pad_id)
+        return out
+
+    def _loop(self, cond, generator, want_trajectory) -> SampleOutput:
+        emb = self.model.embedding
+        batch, device = cond.shape[0], cond.device
+        scheduler = make_scheduler(self.cfg.method, self.diffusion, self.cfg.steps)
+        x = torch.randn((batch, self.seq_len, emb.dim), generator=generator, device=device)
+        self_cond = torch.zeros_like(x) if self.model.cfg.self_condition else None
+        traj: list[tuple[int, torch.Tensor]] = []
+        x0 = x
+        for t in scheduler.timesteps:
+            x0 = self._x0(x, t, cond, self_cond)
+            if self_cond is not None:
+                self_cond = x0
+            if self.cfg.clamp:
+                x0 = emb.clamp(x0)
+            if want_trajectory:
+                traj.append((int(t), emb.nearest(x0).cpu()))
+            if self.cfg.method == "refine":
+                x = x0  # the seed's loop: feed the estimate back in, never re-noise
+            else:
+                x = scheduler.step(x0, t, x, generator=generator).prev_sample
+        return SampleOutput(ids=emb.nearest(x0), trajectory=traj)
+
+
+def _ngrams(ids: list[int], n: int) -> dict[tuple[int, ...], int]:
+    counts: dict[tuple[int, ...], int] = {}
+    for i in range(len(ids) - n + 1):
+        key = tuple(ids[i:i + n])
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def ngram_f1(a: list[int], b: list[int], max_n: int = 2) -> float:
+    """Mean unigram..max_n-gram F1 between two token lists: the MBR utility.
+
+    Hand-written because MBR needs a cheap symmetric similarity for k^2 pairs, not a corpus metric.
+    """
+    scores = []
+    for n in range(1, max_n + 1):
+        ca, cb = _ngrams(a, n), _ngrams(b, n)
+        overlap = sum(min(v, cb.get(g, 0)) for g, v in ca.items())
+        total = sum(ca.values()) + sum(cb.values())
+        if total:  # orders longer than both sequences carry no evidence either way
+            scores.append(2 * overlap / total)
+    return sum(scores) / len(scores) if scores else 1.0
+
+
+def select_mbr(out: SampleOutput, k: int, pad_id: int = 0) -> SampleOutput:
+    """Minimum Bayes risk: among each group of k samples keep the one most similar to the others
+    (Kumar & Byrne 2004; used for diffusion LMs by Diffusion-LM and DiffuSeq)."""
+    ids = out.ids
+    groups = ids.shape[0] // k
+    keep = []
+    for g in range(groups):
+        cands = [[tok for tok in row.tolist() if tok != pad_id] for row in ids[g * k:(g + 1) * k]]
+        utility = [sum(ngram_f1(c, o) for j, o in enumerate(cands) if j != i) for i, c in enumerate(cands)]
+        keep.append(g * k + max(range(k), key=lambda i: utility[i]))
+    index = torch.tensor(keep, device=ids.device)
+    traj = [(t, step[index.cpu()]) for t, step in out.trajectory]
+    return SampleOutput(ids=ids[index], trajectory=traj)

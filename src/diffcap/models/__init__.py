@@ -1,0 +1,1 @@
+"""Networks: word embeddings with the tied rounding head, the transformer denoiser, image encoders."""

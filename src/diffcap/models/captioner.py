@@ -1,0 +1,62 @@
+"""The diffusion captioner: word embeddings + optional image encoder + transformer denoiser."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .denoiser import TransformerDenoiser
+from .embedding import TokenEmbedding, load_pretrained_embeddings
+from .image_encoder import ConvImageEncoder
+
+
+class DiffusionCaptioner(nn.Module):
+    """Everything with weights. Schedules and losses live in :class:`diffcap.diffusion.GaussianDiffusion`.
+
+    Build a fresh model with :meth:`from_config` (this may read pretrained weights); a saved model is
+    rebuilt with ``pretrained=False`` and its state dict, so loading never needs the hub.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, vocab_size: int, seq_len: int, pretrained: bool = True,
+                 backbone_config: dict | None = None):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.embedding == "learned":
+            self.embedding = TokenEmbedding(vocab_size=vocab_size, dim=cfg.emb_dim, normalize=cfg.emb_normalize,
+                                            scale=cfg.emb_scale)
+        else:
+            table = load_pretrained_embeddings(cfg.embedding) if pretrained else torch.zeros(vocab_size, cfg.emb_dim)
+            if table.shape[0] != vocab_size:
+                raise ValueError(
+                    f"model.embedding={cfg.embedding!r} has {table.shape[0]} rows but the tokenizer has "
+                    f"{vocab_size} tokens: use the same checkpoint for text.tokenizer"
+                )
+            cfg.emb_dim = table.shape[1]
+            self.embedding = TokenEmbedding(vocab_size=vocab_size, dim=table.shape[1], normalize=cfg.emb_normalize,
+                                            scale=cfg.emb_scale, trainable=False, init=table)
+        self.image_encoder = ConvImageEncoder() if cfg.image_encoder == "cnn" else None
+        if self.image_encoder is not None:
+            cfg.cond_dim, cfg.cond_tokens = self.image_encoder.out_dim, self.image_encoder.pos.shape[1]
+        if cfg.cond_dim <= 0 or cfg.cond_tokens <= 0:
+            raise ValueError("model.cond_dim and model.cond_tokens must be set (they come from the feature file)")
+        self.denoiser = TransformerDenoiser(
+            emb_dim=cfg.emb_dim, cond_dim=cfg.cond_dim, seq_len=seq_len, max_cond_tokens=cfg.cond_tokens,
+            d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads, dropout=cfg.dropout,
+            fusion=cfg.fusion, self_condition=cfg.self_condition, time_embedding=cfg.time_embedding,
+            backbone=cfg.backbone if pretrained else None, body_config=backbone_config,
+        )
+        cfg.d_model = self.denoiser.d_model
+
+    def body_config(self) -> dict:
+        """The transformer body's architecture, saved so a pretrained backbone rebuilds offline."""
+        return self.denoiser.body.config.to_dict()
+
+    def encode_condition(self, features: torch.Tensor) -> torch.Tensor:
+        """Features as stored in the feature file -> condition tokens [B x N x C]."""
+        if self.image_encoder is not None:
+            return self.image_encoder(features)
+        features = features.float()
+        return features[:, None] if features.dim() == 2 else features
+
+    def forward(self, x_t, t, cond, self_cond=None, drop_cond=None):
+        return self.denoiser(x_t, t, cond, self_cond=self_cond, drop_cond=drop_cond)

@@ -1,0 +1,113 @@
+"""The transformer denoiser f(x_t, t, cond, self_cond) -> x0_hat (or eps / x_{t-k}, by objective).
+
+It knows nothing about noise schedules. The body is a transformers BERT-family encoder, either built
+from a config (random initialisation) or loaded with ``from_pretrained`` (DistilBERT in the seed), fed
+through ``inputs_embeds`` so that it adds its own position embeddings.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, (B,) -> (B, dim) (Vaswani et al. 2017)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return nn.functional.pad(emb, (0, dim % 2))
+
+
+def build_body(*, d_model: int, n_layers: int, n_heads: int, dropout: float, max_positions: int,
+               backbone: str | None, body_config: dict | None = None) -> nn.Module:
+    """A transformers encoder used through ``inputs_embeds``; its word-embedding table is dropped.
+
+    ``body_config`` (a saved ``config.to_dict()``) rebuilds a pretrained body's architecture without
+    reading its weights, which then come from the run's own safetensors file.
+    """
+    from transformers import AutoConfig, AutoModel, BertConfig, BertModel
+
+    if body_config is not None:
+        config = dict(body_config)
+        body = AutoModel.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
+    elif backbone:
+        body = AutoModel.from_pretrained(backbone)
+    else:
+        config = BertConfig(
+            vocab_size=1, hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=n_heads,
+            intermediate_size=4 * d_model, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+            max_position_embeddings=max_positions, type_vocab_size=1,
+        )
+        body = BertModel(config, add_pooling_layer=False)
+    # The denoiser feeds vectors, never ids: a 1-row table keeps the checkpoint small and leaves no
+    # unused parameters (which multi-process DDP would reject).
+    body.set_input_embeddings(nn.Embedding(1, body.config.hidden_size))
+    if getattr(body, "pooler", None) is not None:
+        body.pooler = None
+    return body
+
+
+class TransformerDenoiser(nn.Module):
+    """Denoiser over the sequence [x_t tokens ; condition tokens].
+
+    Args:
+        emb_dim: width D of the diffusion space (word embeddings).
+        cond_dim: width C of the condition tokens (CLIP features, CNN grid, sentence embedding).
+        fusion: "add" adds the pooled condition to every token, like a time embedding; "concat"
+            appends the condition tokens with a segment embedding (both from the seed).
+        self_condition: also take the previous x0 estimate as input (Bit Diffusion, arXiv 2208.04202).
+        time_embedding: add a sinusoidal timestep embedding (the seed's early models had none).
+    """
+
+    def __init__(self, *, emb_dim: int, cond_dim: int, seq_len: int, max_cond_tokens: int,
+                 d_model: int = 256, n_layers: int = 4, n_heads: int = 4, dropout: float = 0.1,
+                 fusion: str = "concat", self_condition: bool = True, time_embedding: bool = True,
+                 backbone: str | None = None, body_config: dict | None = None):
+        super().__init__()
+        self.body = build_body(d_model=d_model, n_layers=n_layers, n_heads=n_heads, dropout=dropout,
+                               max_positions=seq_len + max_cond_tokens, backbone=backbone, body_config=body_config)
+        d_model = self.body.config.hidden_size  # a pretrained backbone fixes the width
+        self.d_model = d_model
+        self.fusion = fusion
+        self.self_condition = self_condition
+        self.in_proj = nn.Linear(emb_dim * (2 if self_condition else 1), d_model)
+        self.out_proj = nn.Linear(d_model, emb_dim)
+        self.cond_proj = nn.Sequential(nn.Linear(cond_dim, d_model), nn.LayerNorm(d_model))
+        # Learned "no condition" token for classifier-free guidance (Ho & Salimans, arXiv 2207.12598).
+        self.null_cond = nn.Parameter(torch.zeros(d_model))
+        self.time_mlp = (
+            nn.Sequential(nn.Linear(d_model, d_model), nn.SiLU(), nn.Linear(d_model, d_model))
+            if time_embedding else None
+        )
+        self.segment = nn.Embedding(2, d_model) if fusion == "concat" else None
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                self_cond: torch.Tensor | None = None, drop_cond: torch.Tensor | None = None) -> torch.Tensor:
+        """
+        Args:
+            x_t: [B x L x D] noisy embeddings.
+            t: [B] integer timesteps.
+            cond: [B x N x C] condition tokens.
+            self_cond: [B x L x D] previous x0 estimate (zeros when there is none).
+            drop_cond: [B] bool, True replaces the condition by the learned null condition.
+        Returns:
+            [B x L x D] the objective's prediction.
+        """
+        seq_len = x_t.shape[1]
+        if self.self_condition:
+            x_t = torch.cat([x_t, torch.zeros_like(x_t) if self_cond is None else self_cond], dim=-1)
+        h = self.in_proj(x_t)  # (B, L, d)
+        c = self.cond_proj(cond)  # (B, N, d)
+        if drop_cond is not None:
+            c = torch.where(drop_cond[:, None, None], self.null_cond.to(c.dtype).expand_as(c), c)
+        if self.time_mlp is not None:
+            h = h + self.time_mlp(timestep_embedding(t, self.d_model).to(h.dtype))[:, None]
+        if self.fusion == "add":
+            h = h + c.mean(dim=1, keepdim=True)
+        else:
+            h = torch.cat([h + self.segment.weight[0], c + self.segment.weight[1]], dim=1)
+        h = self.body(inputs_embeds=h).last_hidden_state
+        return self.out_proj(h[:, :seq_len])

@@ -1,0 +1,72 @@
+"""Word embeddings that define the continuous space the diffusion runs in, with the tied rounding head.
+
+Two settings from the seed:
+- learned embeddings of a small width (16..256) that the denoiser projects up to its own width and
+  back down (Diffusion-LM, arXiv 2205.14217, section 4.1);
+- the frozen input embeddings of a pretrained BERT-family model (the seed's DistilBERT setting).
+
+The rounding head is tied to the table and has no bias: logits = x @ E^T. The seed found a bias-free
+projection better "since input used no bias", and tying keeps the embedding and rounding consistent.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def load_pretrained_embeddings(name_or_path: str) -> torch.Tensor:
+    """The input word-embedding matrix (V, D) of a BERT-family checkpoint (path or hub id)."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(name_or_path)
+    return model.get_input_embeddings().weight.detach().clone()
+
+
+class TokenEmbedding(nn.Module):
+    """Maps ids to x0 in embedding space and x0 back to rounding logits and nearest ids.
+
+    Args:
+        vocab_size: V.
+        dim: embedding width D (the diffusion space).
+        normalize: rescale every row to an RMS of ``scale`` per coordinate (fixed norm).
+        trainable: False freezes the table (pretrained embeddings).
+        init: optional (V, D) initial table, e.g. pretrained embeddings.
+    """
+
+    def __init__(self, *, vocab_size: int, dim: int, normalize: bool = True, scale: float = 1.0,
+                 trainable: bool = True, init: torch.Tensor | None = None):
+        super().__init__()
+        table = torch.randn(vocab_size, dim) if init is None else init.clone().float()
+        if table.shape != (vocab_size, dim):
+            raise ValueError(f"embedding table has shape {tuple(table.shape)}, expected {(vocab_size, dim)}")
+        self.weight = nn.Parameter(table, requires_grad=trainable)
+        self.normalize = normalize
+        self.scale = scale
+
+    @property
+    def dim(self) -> int:
+        return self.weight.shape[1]
+
+    def table(self) -> torch.Tensor:
+        """The effective (V, D) table: what x0 is made of and what the rounding head is tied to."""
+        w = self.weight
+        if self.normalize:
+            rms = w.pow(2).mean(dim=-1, keepdim=True).add(1e-8).sqrt()
+            w = w / rms * self.scale
+        return w
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, L) -> (B, L, D)
+        return nn.functional.embedding(ids, self.table())
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, D) -> (B, L, V)
+        return x @ self.table().t()
+
+    def nearest(self, x: torch.Tensor) -> torch.Tensor:
+        """Ids of the nearest rows in L2 distance: argmin ||x - e||^2 = argmax (2 x.e - ||e||^2)."""
+        table = self.table()
+        score = 2 * x @ table.t() - table.pow(2).sum(-1)
+        return score.argmax(dim=-1)
+
+    def clamp(self, x: torch.Tensor) -> torch.Tensor:
+        """Diffusion-LM's clamping trick: replace each vector by its nearest embedding."""
+        return nn.functional.embedding(self.nearest(x), self.table())

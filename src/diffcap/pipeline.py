@@ -1,0 +1,68 @@
+"""CaptionPipeline: features (or images) in, captions out, rebuilt from a run directory."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_run
+from .config import Config, SamplerConfig
+from .diffusion.diffusion import GaussianDiffusion
+from .diffusion.sampler import Sampler
+from .models.captioner import DiffusionCaptioner
+from .text.tokenizer import CaptionTokenizer
+
+
+@dataclass
+class Captions:
+    texts: list[str]
+    # per input: (timestep, decoded x0 estimate) for every sampling step, when asked for
+    trajectories: list[list[tuple[int, str]]] | None = None
+
+
+class CaptionPipeline:
+    def __init__(self, cfg: Config, model: DiffusionCaptioner, tokenizer: CaptionTokenizer,
+                 device: str | torch.device = "cpu"):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.diffusion = GaussianDiffusion(cfg.diffusion).to(self.device)
+
+    @classmethod
+    def from_pretrained(cls, run_dir: str | Path, *, ema: bool = True, device: str = "cpu") -> "CaptionPipeline":
+        cfg, model, tokenizer = load_run(run_dir, ema=ema)
+        return cls(cfg, model, tokenizer, device)
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        m = self.cfg.model
+        if m.image_encoder:
+            return (3, 64, 64)
+        return (m.cond_dim,) if m.cond_tokens == 1 else (m.cond_tokens, m.cond_dim)
+
+    def check_features(self, features: torch.Tensor, source: str = "features") -> None:
+        shape = tuple(features.shape[1:])
+        if shape != self.feature_shape and not (self.cfg.model.cond_tokens == 1 and shape == (1, self.cfg.model.cond_dim)):
+            raise ValueError(f"{source}: items have shape {shape} but this run was trained on {self.feature_shape}")
+
+    @torch.no_grad()
+    def __call__(self, features: torch.Tensor, *, seed: int | None = None, batch_size: int = 64,
+                 trajectory: bool = False, **sampler_overrides) -> Captions:
+        """Caption a batch of features [N x ...]. ``sampler_overrides`` (steps=, method=, guidance_scale=,
+        clamp=, mbr=) change the run's sampler settings for this call only."""
+        self.check_features(features)
+        sampler_cfg: SamplerConfig = dataclasses.replace(self.cfg.sampler, **sampler_overrides)
+        sampler = Sampler(self.model, self.diffusion, sampler_cfg, self.cfg.text.max_length, self.tokenizer.pad_id)
+        generator = torch.Generator(self.device).manual_seed(sampler_cfg.seed if seed is None else seed)
+        texts: list[str] = []
+        trajs: list[list[tuple[int, str]]] = []
+        for start in range(0, len(features), batch_size):
+            out = sampler.sample(features[start:start + batch_size].to(self.device), generator, trajectory)
+            texts += self.tokenizer.decode(out.ids.cpu())
+            if trajectory:
+                steps = [(t, self.tokenizer.decode_tokens(ids)) for t, ids in out.trajectory]
+                for i in range(out.ids.shape[0]):
+                    trajs.append([(t, " ".join(tokens[i])) for t, tokens in steps])
+        return Captions(texts, trajs if trajectory else None)
