@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from .config import Config
 from .io import save_tensors, write_json
-from .models.captioner import DiffusionCaptioner
+from .models.factory import build_model
 from .text.tokenizer import CaptionTokenizer
 
 
@@ -28,7 +28,7 @@ class RunDirError(FileNotFoundError):
     pass
 
 
-def save_model_files(run_dir: str | Path, cfg: Config, model: DiffusionCaptioner, tokenizer: CaptionTokenizer,
+def save_model_files(run_dir: str | Path, cfg: Config, model: torch.nn.Module, tokenizer: CaptionTokenizer,
                      ema_state: dict[str, torch.Tensor] | None = None) -> None:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -53,7 +53,7 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
         raise RunDirError(f"{path}: not a readable safetensors file ({exc})") from exc
 
 
-def load_run(run_dir: str | Path, *, ema: bool = True) -> tuple[Config, DiffusionCaptioner, CaptionTokenizer]:
+def load_run(run_dir: str | Path, *, ema: bool = True) -> tuple[Config, torch.nn.Module, CaptionTokenizer]:
     """Rebuild config, model (EMA weights if present and ``ema``) and tokenizer from a run directory."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -61,8 +61,7 @@ def load_run(run_dir: str | Path, *, ema: bool = True) -> tuple[Config, Diffusio
     cfg = Config.from_dict(json.loads(_require(run_dir / "config.json").read_text()), str(run_dir / "config.json"))
     body_config = json.loads(_require(run_dir / "body_config.json").read_text())
     tokenizer = CaptionTokenizer.load(_require(run_dir / "tokenizer"))
-    model = DiffusionCaptioner(cfg.model, vocab_size=tokenizer.vocab_size, seq_len=cfg.text.max_length,
-                               pretrained=False, backbone_config=body_config)
+    model = build_model(cfg, tokenizer, pretrained=False, body_config=body_config)
     weights = run_dir / ("ema.safetensors" if ema and (run_dir / "ema.safetensors").exists() else "model.safetensors")
     model.load_state_dict(load_weights(weights))
     model.eval()

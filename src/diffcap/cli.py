@@ -72,7 +72,7 @@ def cmd_caption(args) -> None:
 
 
 def _sampler_overrides(args) -> dict:
-    names = {"steps": "steps", "method": "method", "guidance": "guidance_scale", "mbr": "mbr"}
+    names = {"steps": "steps", "method": "method", "guidance": "guidance_scale", "mbr": "mbr", "beam": "beam_size"}
     return {field: getattr(args, flag) for flag, field in names.items() if getattr(args, flag, None) is not None}
 
 
@@ -81,6 +81,7 @@ def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=["ddim", "ddpm", "refine"])
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
     p.add_argument("--mbr", type=int, help="minimum Bayes risk over this many samples")
+    p.add_argument("--beam", type=int, help="beam size of an autoregressive run (1 = greedy)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="cpu")
 

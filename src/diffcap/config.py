@@ -36,7 +36,7 @@ class TextConfig:
 
 @dataclass
 class ModelConfig:
-    kind: str = "diffusion"
+    kind: str = "diffusion"  # or "autoregressive": the matched left-to-right baseline
     d_model: int = 256
     n_layers: int = 4
     n_heads: int = 4
@@ -70,7 +70,7 @@ class DiffusionConfig:
     restore_weight: float = 0.0  # Diffusion-LM's x_1 -> embedding restore term
     prior_weight: float = 1.0  # Diffusion-LM's prior term ||sqrt(abar_T) x0||^2
     timesteps_per_caption: int = 1  # the seed's SAMPLE_SIZE
-    timestep_sampler: str = "uniform"  # uniform or loss_aware (improved DDPM importance sampling)
+    timestep_sampler: str = "uniform"  # uniform, loss_aware (improved DDPM) or warped (CDCD-style)
     cond_dropout: float = 0.1  # classifier-free guidance, arXiv 2207.12598
 
 
@@ -82,6 +82,7 @@ class SamplerConfig:
     guidance_scale: float = 1.0
     mbr: int = 1  # minimum Bayes risk selection among this many samples
     seed: int = 0
+    beam_size: int = 1  # autoregressive model: 1 = greedy
 
 
 @dataclass
@@ -103,6 +104,7 @@ class TrainConfig:
     log_every: int = 50
     seed: int = 0
     progress: bool = True
+    time_budget_s: float = 0.0  # stop training after this many seconds (0 = no limit)
 
 
 @dataclass
@@ -194,13 +196,13 @@ def _coerce(value: Any, current: Any, key: str, source: str) -> Any:
 
 
 _CHOICES = {
-    ("model", "kind"): ("diffusion",),
+    ("model", "kind"): ("diffusion", "autoregressive"),
     ("model", "fusion"): ("add", "concat"),
     ("model", "image_encoder"): (None, "cnn"),
     ("diffusion", "schedule"): ("linear", "cosine", "sqrt"),
     ("diffusion", "objective"): ("x0", "eps", "xtk"),
     ("diffusion", "loss"): ("l1", "mse"),
-    ("diffusion", "timestep_sampler"): ("uniform", "loss_aware"),
+    ("diffusion", "timestep_sampler"): ("uniform", "loss_aware", "warped"),
     ("sampler", "method"): ("ddim", "ddpm", "refine"),
     ("train", "lr_schedule"): ("linear", "cosine", "constant"),
     ("train", "mixed_precision"): ("no", "bf16", "fp16"),

@@ -84,7 +84,7 @@ def run_demo(out_dir: str | Path = "demo_out", size: DemoSize = DemoSize(), seed
     items = [
         {"image_id": i, "image": data.images[i], "caption": predictions[i], "references": references[i],
          "trajectory": [(f"t={t}", text) for t, text in traj]}
-        for i, traj in list(zip(test_ids, result.trajectories))[: size.report_images]
+        for i, traj in list(zip(test_ids, result.trajectories or [[]] * len(test_ids)))[: size.report_images]
     ]
     write_report(out / "report.html", items, metrics, title="diffcap demo: synthetic scenes, test split")
     log.info("demo metrics: %s", json.dumps(metrics))

@@ -33,7 +33,8 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.spice import spice as _spice_module
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-from diffcap.data.contract import DataError, PathLike, atomic_output, describe_ids
+from diffcap.data.contract import DataError, describe_ids
+from diffcap.io import PathLike, atomic_output
 
 SpiceMode = Literal["auto", "on", "off"]
 

@@ -46,6 +46,6 @@ def caption_images(paths: list[str], run_dir: str | Path, *, device: str = "cpu"
         raise ValueError(f"{run_dir}: this run conditions on precomputed features, not on images; "
                          "extract features for the images and use `diffcap sample`")
     size = pipe.feature_shape[-1]
-    pixels = [torch.from_numpy(np.asarray(load_image(p, size))).permute(2, 0, 1) for p in paths]
+    pixels = [torch.from_numpy(np.array(load_image(p, size))).permute(2, 0, 1) for p in paths]
     texts = pipe(torch.stack(pixels), seed=seed).texts
     return list(zip(paths, texts))

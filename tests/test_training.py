@@ -1,0 +1,122 @@
+"""Training end to end on tiny data: overfitting, run-directory round trips, resume, pretrained parts."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffcap.data.contract import FeatureStore
+from diffcap.pipeline import CaptionPipeline
+from diffcap.train import Trainer, lr_lambda
+
+from conftest import CAPTIONS, small_config
+
+
+def _features(data_dir, ids):
+    return FeatureStore.open(data_dir / "features.safetensors").get(ids)
+
+
+def test_overfit_eight_captions_from_noise(feature_data, tmp_path):
+    """The seed's single-sample trials: 8 captions on 8 random vectors, regenerated exactly from noise."""
+    cfg = small_config(feature_data, steps=400)
+    cfg.diffusion.timesteps_per_caption = 4
+    Trainer(cfg, tmp_path / "run").train(resume=False)
+    pipe = CaptionPipeline.from_pretrained(tmp_path / "run")
+    out = pipe(_features(feature_data, [f"img{i}" for i in range(8)]), seed=0)
+    assert out.texts == CAPTIONS
+
+
+def test_saved_run_rebuilds_identical_samples(feature_data, tmp_path):
+    cfg = small_config(feature_data, steps=30)
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.train(resume=False)
+    live = CaptionPipeline(cfg, trainer.ema.module, trainer.tokenizer)
+    loaded = CaptionPipeline.from_pretrained(tmp_path / "run")
+    feats = _features(feature_data, ["val0", "val1", "val2"])
+    a = live(feats, seed=7, trajectory=True)
+    b = loaded(feats, seed=7, trajectory=True)
+    assert a.texts == b.texts and a.trajectories == b.trajectories
+    for name, tensor in load_file(str(tmp_path / "run" / "ema.safetensors")).items():
+        assert torch.equal(tensor, trainer.ema.module.state_dict()[name])
+    # a different seed draws different noise, hence (almost surely) a different trajectory
+    assert loaded(feats, seed=8, trajectory=True).trajectories != b.trajectories
+
+
+def test_resume_continues_to_the_same_weights(feature_data, tmp_path):
+    cfg = small_config(feature_data, steps=20)
+    cfg.train.save_every = 10
+    Trainer(cfg, tmp_path / "full").train(resume=False)
+    cfg_half = small_config(feature_data, steps=10)
+    Trainer(cfg_half, tmp_path / "split").train(resume=False)
+    cfg_rest = small_config(feature_data, steps=20)
+    cfg_rest.train.save_every = 10
+    resumed = Trainer(cfg_rest, tmp_path / "split")
+    assert resumed.resume() and resumed.step == 10
+    resumed.train(resume=False)
+    full = load_file(str(tmp_path / "full" / "model.safetensors"))
+    split = load_file(str(tmp_path / "split" / "model.safetensors"))
+    for name in full:
+        torch.testing.assert_close(split[name], full[name], rtol=0, atol=0)
+
+
+def test_validation_logs_quartile_losses_and_cider(feature_data, tmp_path):
+    cfg = small_config(feature_data, steps=10)
+    cfg.train.eval_every, cfg.train.log_every = 10, 5
+    Trainer(cfg, tmp_path / "run").train(resume=False)
+    records = [json.loads(line) for line in (tmp_path / "run" / "logs" / "train.jsonl").read_text().splitlines()]
+    val = [r for r in records if "val/CIDEr" in r][-1]
+    assert {f"val/loss_q{q}" for q in range(4)} <= set(val) and len(val["val/samples"]) == 3
+    assert [r["step"] for r in records if "train/loss" in r] == [5, 10]
+    assert any((tmp_path / "run" / "logs" / "tensorboard").iterdir())
+
+
+def test_lr_warmup_then_linear_decay_to_final():
+    from diffcap.config import TrainConfig
+
+    f = lr_lambda(TrainConfig(steps=110, warmup_steps=10, lr=1e-4, final_lr=5e-5, lr_schedule="linear"))
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.75) and f(110) == pytest.approx(0.5)
+    g = lr_lambda(TrainConfig(steps=110, warmup_steps=10, lr=1e-4, final_lr=5e-5, lr_schedule="cosine"))
+    assert g(60) == pytest.approx(0.75) and g(110) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"diffusion.objective": "eps", "diffusion.loss": "mse", "model.fusion": "add", "diffusion.schedule": "linear"},
+    {"diffusion.objective": "xtk", "model.time_embedding": False, "model.self_condition": False,
+     "diffusion.timestep_sampler": "loss_aware", "diffusion.restore_weight": 1.0, "diffusion.schedule": "cosine",
+     "diffusion.cond_dropout": 0.5, "sampler.guidance_scale": 2.0, "sampler.method": "ddpm", "sampler.mbr": 3},
+])
+def test_every_setting_trains_and_samples(feature_data, tmp_path, overrides):
+    from diffcap.config import apply_override
+
+    cfg = small_config(feature_data, steps=5)
+    for key, value in overrides.items():
+        apply_override(cfg, f"{key}={json.dumps(value)}")
+    stats = Trainer(cfg, tmp_path / "run").train(resume=False)
+    assert torch.isfinite(torch.tensor(stats["loss"]))
+    out = CaptionPipeline.from_pretrained(tmp_path / "run")(_features(feature_data, ["val0", "val1"]), seed=0)
+    assert len(out.texts) == 2
+
+
+def test_pretrained_backbone_and_frozen_embeddings_rebuild_offline(feature_data, tmp_path, minilm_dir):
+    """A tiny random DistilBERT saved to disk stands in for the hub model; the MiniLM tokenizer gives
+    the vocabulary. The run directory alone must rebuild it, and the frozen table must not move."""
+    from transformers import AutoTokenizer, DistilBertConfig, DistilBertModel
+
+    tiny = tmp_path / "tiny-distilbert"
+    DistilBertModel(DistilBertConfig(vocab_size=30522, dim=32, n_layers=1, n_heads=2, hidden_dim=64)).save_pretrained(tiny)
+    AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(tiny)
+    cfg = small_config(feature_data, steps=3)
+    cfg.text.tokenizer = cfg.model.backbone = cfg.model.embedding = str(tiny)
+    trainer = Trainer(cfg, tmp_path / "run")
+    before = trainer.model.embedding.weight.detach().clone()
+    trainer.train(resume=False)
+    assert torch.equal(trainer.model.embedding.weight, before)
+    assert cfg.model.d_model == 32 and cfg.model.emb_dim == 32
+    live = CaptionPipeline(cfg, trainer.ema.module, trainer.tokenizer)
+    tiny.rename(tmp_path / "gone")  # the run directory must not need the original checkpoint
+    loaded = CaptionPipeline.from_pretrained(tmp_path / "run")
+    feats = _features(feature_data, ["val0", "val1"])
+    assert loaded(feats, seed=1).texts == live(feats, seed=1).texts
