@@ -28,7 +28,7 @@ class DemoSize:
     n_train: int = 3000
     n_val: int = 200
     n_test: int = 300
-    steps: int = 4000
+    steps: int = 1800
     report_images: int = 40
 
 
@@ -42,9 +42,15 @@ def demo_config(data_dir: Path, size: DemoSize) -> Config:
     cfg.text.max_length = 16
     m = cfg.model
     m.image_encoder, m.fusion = "cnn", "concat"
-    m.d_model, m.n_layers, m.n_heads, m.emb_dim, m.dropout = 128, 3, 4, 32, 0.0
+    m.d_model, m.n_layers, m.n_heads, m.emb_dim, m.dropout = 128, 3, 4, 16, 0.0
+    # Settings measured on this demo (BENCHMARKS.md, "demo ablations"): the image encoder learns only
+    # from high-noise timesteps, so three noise levels per image (one CNN pass) and warped timestep
+    # sampling feed it more signal per step; self-conditioning gave nothing measurable here and costs
+    # a forward pass.
+    m.self_condition = False
     d = cfg.diffusion
     d.num_timesteps, d.schedule, d.objective = 1000, "sqrt", "x0"
+    d.timesteps_per_caption, d.timestep_sampler, d.rounding_weight = 3, "warped", 1.0
     t = cfg.train
     t.steps, t.batch_size, t.lr, t.final_lr, t.warmup_steps = size.steps, 64, 1e-3, 1e-4, 200
     t.eval_every, t.save_every, t.eval_images, t.ema_decay = max(size.steps // 4, 1), size.steps, 50, 0.995

@@ -17,14 +17,15 @@ import json
 import os
 import random
 import re
-import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ..io import atomic_output
 
 Pair = tuple[str, str]  # (colour, shape)
 
@@ -524,22 +525,9 @@ def make_demo_dataset(
     return DemoData(splits, captions, images, tuple(held_out))
 
 
-def _write_atomic(path: Path, write: Callable[[str], object]) -> None:
-    """Write via a temp file in the same folder and ``os.replace``, so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; data files should be readable like any other
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _write_text(path: Path, text: str) -> None:
-    _write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def scene_to_dict(scene: Scene) -> dict:
@@ -581,7 +569,8 @@ def write_demo_dataset(out_dir: str | os.PathLike, data: DemoData) -> dict[str, 
     }
 
     tensors = {i: torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))) for i, img in data.images.items()}
-    _write_atomic(paths["features"], lambda tmp: save_file(tensors, tmp, metadata={"kind": "pixels"}))
+    with atomic_output(paths["features"]) as tmp:
+        save_file(tensors, str(tmp), metadata={"kind": "pixels"})
     lines = "".join(json.dumps(rec) + "\n" for rec in data.captions)
     _write_text(paths["captions"], lines)
     scenes = {s.image_id: scene_to_dict(s) for split in SPLITS for s in data.splits.get(split, [])}
