@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.func(args)
-    except (ConfigError, DataError, RunDirError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, DataError, RunDirError, FileNotFoundError, ValueError, FloatingPointError) as exc:
         if args.verbose:
             raise
         print(f"diffcap {args.command}: error: {exc}", file=sys.stderr)

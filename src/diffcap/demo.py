@@ -28,7 +28,7 @@ class DemoSize:
     n_train: int = 3000
     n_val: int = 200
     n_test: int = 300
-    steps: int = 1800
+    steps: int = 2200
     report_images: int = 40
 
 

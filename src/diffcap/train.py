@@ -238,13 +238,10 @@ class Trainer:
 
     # ---- the loop ------------------------------------------------------------------------------
     def _batches(self):
-        epoch = 0
+        # The loader's shuffling generator starts from train.seed in every Trainer, so a resumed run
+        # that skips the batches already consumed sees exactly the same order as an uninterrupted one.
         while True:
-            # a fresh, seeded order per epoch: resuming at step s replays exactly the same batches
-            self.loader.sampler.generator = torch.Generator().manual_seed(self.cfg.train.seed + epoch) \
-                if hasattr(self.loader, "sampler") and hasattr(self.loader.sampler, "generator") else None
             yield from self.loader
-            epoch += 1
 
     def train(self, resume: bool = True) -> dict:
         cfg = self.cfg.train
@@ -262,6 +259,8 @@ class Trainer:
             ids, feats = next(batches)
             with self.accelerator.accumulate(model), self.accelerator.autocast():
                 terms = self._losses(model, ids, feats)
+                if not torch.isfinite(terms["loss"]):  # stop before the update: the last checkpoint stays good
+                    raise FloatingPointError(f"non-finite loss {float(terms['loss'])} at step {self.step + 1}")
                 self.accelerator.backward(terms["loss"])
                 if self.accelerator.sync_gradients and cfg.grad_clip > 0:
                     self.accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -269,8 +268,6 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
             if not self.accelerator.sync_gradients:
                 continue
-            if not torch.isfinite(terms["loss"]):
-                raise FloatingPointError(f"non-finite loss {float(terms['loss'])} at step {self.step}")
             self.scheduler.step()
             self.ema.update_parameters(self.accelerator.unwrap_model(model))
             self.step += 1
