@@ -109,3 +109,12 @@ def test_mbr_picks_the_consensus_sample():
     out = select_mbr(SampleOutput(ids=ids), k=3, pad_id=0)
     assert out.ids.tolist() == [[5, 6, 7, 0], [1, 2, 3, 0]]
     assert ngram_f1([1, 2], [1, 2]) == 1.0 and ngram_f1([1], [2]) == 0.0
+
+
+def test_rounding_is_restricted_to_allowed_tokens():
+    emb = TokenEmbedding(vocab_size=10, dim=4)
+    x = emb(torch.arange(10))[None]  # every row exactly
+    assert emb.nearest(x).tolist() == [list(range(10))]
+    emb.restrict_to(torch.tensor([[2, 3], [3, 5]]), always=(0,))
+    picked = emb.nearest(x)[0].tolist()
+    assert set(picked) <= {0, 2, 3, 5} and [picked[i] for i in (0, 2, 3, 5)] == [0, 2, 3, 5]

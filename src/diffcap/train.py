@@ -108,6 +108,8 @@ def ema_avg_fn(decay: float):
     the random initialisation (as in diffusers' EMAModel with use_ema_warmup)."""
 
     def update(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        if not averaged.is_floating_point():  # masks and counters are copied, not averaged
+            return current.clone()
         n = float(num_averaged)
         d = min(decay, (1 + n) / (10 + n))
         return averaged + (current - averaged) * (1 - d)
@@ -126,6 +128,8 @@ class Trainer:
         self.tokenizer = self.data.tokenizer
         self.model = build_model(cfg, self.tokenizer)
         self.is_diffusion = cfg.model.kind == "diffusion"
+        if self.is_diffusion:
+            self.model.embedding.restrict_to(self.data.train.caption_ids, always=(self.tokenizer.pad_id,))
         self.diffusion = GaussianDiffusion(cfg.diffusion).to(self.accelerator.device)
         self.ema = AveragedModel(self.model, avg_fn=ema_avg_fn(cfg.train.ema_decay), use_buffers=True)
         params = [p for p in self.model.parameters() if p.requires_grad]

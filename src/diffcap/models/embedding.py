@@ -42,6 +42,17 @@ class TokenEmbedding(nn.Module):
         self.weight = nn.Parameter(table, requires_grad=trainable)
         self.normalize = normalize
         self.scale = scale
+        # Tokens rounding may produce. Rows of tokens that never occur in the training captions keep
+        # their initial values and lie all over the space (30,522 WordPiece rows against a few thousand
+        # used ones), so snapping to them turns captions into "[unused5]" (BENCHMARKS.md, Flickr8k proxy).
+        self.register_buffer("allowed", torch.ones(vocab_size, dtype=torch.bool))
+
+    def restrict_to(self, ids: torch.Tensor, always: tuple[int, ...] = ()) -> None:
+        """Allow rounding only to the tokens in ``ids`` (e.g. the training captions) and ``always``."""
+        allowed = torch.zeros_like(self.allowed)
+        allowed[ids.flatten().to(allowed.device)] = True
+        allowed[list(always)] = True
+        self.allowed.copy_(allowed)
 
     @property
     def dim(self) -> int:
@@ -65,7 +76,7 @@ class TokenEmbedding(nn.Module):
         """Ids of the nearest rows in L2 distance: argmin ||x - e||^2 = argmax (2 x.e - ||e||^2)."""
         table = self.table()
         score = 2 * x @ table.t() - table.pow(2).sum(-1)
-        return score.argmax(dim=-1)
+        return score.masked_fill(~self.allowed, float("-inf")).argmax(dim=-1)
 
     def clamp(self, x: torch.Tensor) -> torch.Tensor:
         """Diffusion-LM's clamping trick: replace each vector by its nearest embedding."""
