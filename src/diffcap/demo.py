@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Config, validate
+from .config import Config, apply_override, validate
 from .data.contract import FeatureStore
 from .data.synthetic import attribute_accuracy, load_scenes, make_demo_dataset, write_demo_dataset
 from .evaluate import coco_metrics, write_coco_results
@@ -62,7 +62,6 @@ def demo_config(data_dir: Path, size: DemoSize) -> Config:
 def run_demo(out_dir: str | Path = "demo_out", size: DemoSize = DemoSize(), seed: int = 0,
              overrides: list[str] = ()) -> dict:
     """Generate data, train, evaluate on the test split, write metrics.json and report.html."""
-    from .config import apply_override
 
     out = Path(out_dir)
     started = time.time()
