@@ -17,7 +17,7 @@ def test_train_sample_eval_smoke(feature_data, tmp_path, capsys):
         "diffusion:\n  num_timesteps: 100\ntrain:\n  batch_size: 4\n  progress: false\n"
     )
     assert main(["train", "--config", str(cfg), "--out", str(run), "train.steps=4", "train.eval_every=4"]) == 0
-    assert {"config.json", "model.safetensors", "ema.safetensors", "tokenizer", "trainer_state"} <= {
+    assert {"config.json", "model.safetensors", "ema.safetensors", "tokenizer", "checkpoints"} <= {
         p.name for p in run.iterdir()}
     capsys.readouterr()
 

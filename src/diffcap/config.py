@@ -101,6 +101,7 @@ class TrainConfig:
     eval_every: int = 500
     eval_images: int = 100  # validation subset for CIDEr
     save_every: int = 1000
+    keep_checkpoints: int = 3  # checkpoints/step-N folders kept (the newest; 0 keeps all)
     log_every: int = 50
     seed: int = 0
     progress: bool = True

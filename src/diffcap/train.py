@@ -9,24 +9,25 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
-from safetensors.torch import load_file
+from accelerate.utils import gather_object, set_seed
+from safetensors import SafetensorError
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .checkpoint import save_model_files
+from .checkpoint import RunDirError, load_weights, save_model_files
+from .checkpoints import list_checkpoints, prune, publish, remove_partial_checkpoints, write_checkpoint
 from .config import Config, ConfigError, TrainConfig
-from .data.contract import FeatureStore, check_ids, read_captions
+from .data.contract import DataError, FeatureStore, check_ids, describe_ids, read_captions
 from .data.datasets import CaptionPairs, SplitData, load_split
 from .diffusion.diffusion import GaussianDiffusion
+from .diffusion.noise import StepNoise
 from .evaluate import cider
 from .io import save_tensors, write_json
 from .models.factory import build_model
@@ -117,6 +118,21 @@ def ema_avg_fn(decay: float):
     return update
 
 
+# What makes a checkpoint unreadable (then the one before it is tried); a checkpoint that does not
+# fit the model (ConfigError, DataError) is not among them: an older one would not fit either.
+_UNREADABLE = (RunDirError, SafetensorError, OSError, KeyError, json.JSONDecodeError)
+
+
+def _check_shapes(path: Path, saved: dict[str, torch.Tensor], current: dict[str, torch.Tensor]) -> None:
+    wrong = [f"{k} {tuple(saved[k].shape)} vs {tuple(v.shape)}" for k, v in current.items()
+             if k in saved and saved[k].shape != v.shape]
+    missing = sorted(set(current) ^ set(saved))
+    if wrong or missing:
+        raise ConfigError(f"{path}: does not fit the model built from the current config and data "
+                          f"(saved vs now: {'; '.join(wrong[:3])}{'; keys differ: ' + str(missing[:5]) if missing else ''}); "
+                          "was the vocabulary built from other captions? use a new --out")
+
+
 class Trainer:
     def __init__(self, cfg: Config, out_dir: str | Path, data: TrainingData | None = None):
         self.cfg = cfg
@@ -136,8 +152,12 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.train))
         generator = torch.Generator().manual_seed(cfg.train.seed)
+        # Each process gets batch_size captions; Accelerate deals consecutive batches of one shuffled
+        # order to the processes, so N processes see the same global batches as one with N x batch_size
+        # (drop_last by the global batch keeps every step's batches complete and equal).
+        global_batch = cfg.train.batch_size * self.accelerator.num_processes
         loader = DataLoader(CaptionPairs(self.data.train), batch_size=cfg.train.batch_size, shuffle=True,
-                            drop_last=len(self.data.train.caption_ids) >= cfg.train.batch_size, generator=generator)
+                            drop_last=len(self.data.train.caption_ids) >= global_batch, generator=generator)
         self.model, self.optimizer, self.loader = self.accelerator.prepare(self.model, self.optimizer, loader)
         self.ema.to(self.accelerator.device)
         self.step = 0
@@ -160,47 +180,93 @@ class Trainer:
                 self.writer.add_scalar(key, value, record["step"])
 
     # ---- checkpoints ---------------------------------------------------------------------------
+    def _write_checkpoint(self, folder: Path) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        save_model_files(folder, self.cfg, model, self.tokenizer, self.ema.module.state_dict())
+        state_dir = folder / "trainer_state"
+        state_dir.mkdir()
+        save_optimizer(self.optimizer, state_dir)
+        tensors, meta = rng_state()
+        save_tensors(state_dir / "rng.safetensors", tensors)
+        timestep_state = getattr(self.diffusion.timesteps, "state_dict", lambda: {})()
+        if timestep_state:
+            save_tensors(state_dir / "timesteps.safetensors", timestep_state)
+        save_tensors(state_dir / "ema.safetensors", {"n_averaged": self.ema.n_averaged})
+        write_json(state_dir / "state.json", {"step": self.step, "scheduler": self.scheduler.state_dict(), "rng": meta})
+
     def save(self) -> None:
-        """Write model files, then the trainer state into a fresh folder swapped in by rename."""
+        """Write checkpoints/step-N (complete before it is visible), publish its model files to the
+        top of the run directory for CaptionPipeline, and keep only the newest train.keep_checkpoints."""
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return
-        model = self.accelerator.unwrap_model(self.model)
-        save_model_files(self.out_dir, self.cfg, model, self.tokenizer, self.ema.module.state_dict())
-        tmp = self.out_dir / "trainer_state.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_optimizer(self.optimizer, tmp)
-        tensors, meta = rng_state()
-        save_tensors(tmp / "rng.safetensors", tensors)
-        timestep_state = getattr(self.diffusion.timesteps, "state_dict", lambda: {})()
-        if timestep_state:
-            save_tensors(tmp / "timesteps.safetensors", timestep_state)
-        save_tensors(tmp / "ema.safetensors", {"n_averaged": self.ema.n_averaged})
-        write_json(tmp / "state.json", {"step": self.step, "scheduler": self.scheduler.state_dict(), "rng": meta})
-        final, old = self.out_dir / "trainer_state", self.out_dir / "trainer_state.old"
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        remove_partial_checkpoints(self.out_dir)
+        folder = write_checkpoint(self.out_dir, self.step, self._write_checkpoint)
+        publish(self.out_dir, folder)
+        prune(self.out_dir, self.cfg.train.keep_checkpoints)
 
     def resume(self) -> bool:
-        state_dir = self.out_dir / "trainer_state"
-        if not (state_dir / "state.json").exists():
+        """Restore the newest complete checkpoint; an unreadable one (e.g. a truncated file) is
+        reported and the one before it used. False if the run directory has no checkpoint."""
+        if self.accelerator.is_main_process:
+            for p in remove_partial_checkpoints(self.out_dir):
+                log.warning("%s: removed what an interrupted save left behind", p)
+        candidates = [p for _, p in reversed(list_checkpoints(self.out_dir))]
+        if not candidates and (self.out_dir / "trainer_state" / "state.json").exists():
+            candidates = [self.out_dir]  # the layout before checkpoints/: model files + trainer_state/ on top
+        if not candidates:
             return False
+        self._check_fits(candidates[0])
+        problems = []
+        for folder in candidates:
+            try:
+                self._load_checkpoint(folder)
+            except _UNREADABLE as exc:
+                log.warning("%s: unreadable checkpoint, trying the one before (%s)", folder, exc)
+                problems.append(f"{folder}: {exc}")
+                continue
+            if folder != self.out_dir and self.accelerator.is_main_process:
+                publish(self.out_dir, folder)  # repairs a publish cut short by a kill
+            log.info("resumed %s at step %d from %s", self.out_dir, self.step, folder)
+            return True
+        raise RunDirError(f"{self.out_dir}: no readable checkpoint ({'; '.join(problems)}); "
+                          "pass --no-resume to start over")
+
+    def _check_fits(self, folder: Path) -> None:
+        """The run's features must have the shape the checkpoint was trained on: say so before
+        anything trains, naming both files, instead of a size-mismatch error from torch."""
+        try:
+            saved = json.loads((folder / "config.json").read_text())["model"]
+        except (OSError, ValueError, KeyError):
+            return  # an unreadable checkpoint is reported when it is loaded
+        m = self.cfg.model
+        old, new = (saved.get("cond_tokens"), saved.get("cond_dim")), (m.cond_tokens, m.cond_dim)
+        if old != new:
+            raise DataError(f"{self.cfg.data.features}: features of {new[0]} token(s) x {new[1]} do not fit the run "
+                            f"{self.out_dir}, trained on {old[0]} token(s) x {old[1]} ({folder / 'config.json'}); "
+                            "use the same feature extractor, or a new --out")
+
+    def _load_checkpoint(self, folder: Path) -> None:
+        # Read and check everything first, so that an unreadable file changes nothing.
+        state_dir = folder / "trainer_state"
         state = json.loads((state_dir / "state.json").read_text())
         model = self.accelerator.unwrap_model(self.model)
-        model.load_state_dict(load_file(str(self.out_dir / "model.safetensors")))
-        self.ema.module.load_state_dict(load_file(str(self.out_dir / "ema.safetensors")))
-        self.ema.n_averaged.copy_(load_file(str(state_dir / "ema.safetensors"))["n_averaged"])
+        weights = load_weights(folder / "model.safetensors")
+        ema_weights = load_weights(folder / "ema.safetensors")
+        _check_shapes(folder / "model.safetensors", weights, model.state_dict())
+        n_averaged = load_weights(state_dir / "ema.safetensors")["n_averaged"]
+        timesteps = state_dir / "timesteps.safetensors"
+        timestep_state = load_weights(timesteps) if timesteps.exists() else None
+        rng = load_weights(state_dir / "rng.safetensors")
         load_optimizer(self.optimizer, state_dir)
+        model.load_state_dict(weights)
+        self.ema.module.load_state_dict(ema_weights)
+        self.ema.n_averaged.copy_(n_averaged)
         self.scheduler.load_state_dict(state["scheduler"])
-        if (state_dir / "timesteps.safetensors").exists():
-            self.diffusion.timesteps.load_state_dict(load_file(str(state_dir / "timesteps.safetensors")))
-        set_rng_state(load_file(str(state_dir / "rng.safetensors")), state["rng"])
+        if timestep_state is not None:
+            self.diffusion.timesteps.load_state_dict(timestep_state)
+        set_rng_state(rng, state["rng"])
         self.step = state["step"]
-        log.info("resumed %s at step %d", self.out_dir, self.step)
-        return True
 
     # ---- validation ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -235,10 +301,48 @@ class Trainer:
         record["val/samples"] = [{"image_id": i, "caption": c} for i, c in list(predictions.items())[:3]]
         return record
 
-    def _losses(self, model, ids, feats) -> dict:
+    def _losses(self, model, ids, feats, micro: int) -> dict:
         if self.is_diffusion:
-            return self.diffusion.training_losses(model, ids, feats)
+            acc = self.accelerator
+            noise = StepNoise(self.cfg.train.seed, micro, k=self.cfg.diffusion.timesteps_per_caption,
+                              batch=ids.shape[0], rank=acc.process_index, world=acc.num_processes,
+                              device=ids.device, gather=acc.gather)
+            return self.diffusion.training_losses(model, ids, feats, noise=noise)
         return model(ids, feats)  # through forward, so DDP synchronises the gradients
+
+    def _scalars(self, terms: dict, index: torch.Tensor) -> dict[str, float]:
+        """The scalar terms averaged over processes (one all-reduce per step, which also tells every
+        process whether any loss is non-finite). Raises before the update if one is."""
+        names = [k for k, v in terms.items() if v.dim() == 0]
+        values = torch.stack([(~torch.isfinite(terms["loss"].detach())).float()]
+                             + [terms[k].detach().float() for k in names])
+        world = self.accelerator.num_processes
+        if world > 1:
+            values = self.accelerator.reduce(values, "sum")
+        if values[0] > 0:
+            self._raise_non_finite(terms, index)
+        return {k: float(v) / world for k, v in zip(names, values[1:])}
+
+    def _raise_non_finite(self, terms: dict, index: torch.Tensor) -> None:
+        local = index.tolist()
+        culprits: list[int] = []
+        if not torch.isfinite(terms["loss"]):
+            culprits = local
+            per = terms.get("per_sample")
+            if per is not None and per.numel() % len(local) == 0:  # [K*B]: name the captions themselves
+                rows = (~torch.isfinite(per.detach().view(-1, len(local)))).any(0)
+                culprits = [local[i] for i in rows.nonzero().flatten().tolist()] or local
+        train = self.data.train
+        images = [train.image_ids[int(train.caption_image[i])] for i in culprits]
+        if self.accelerator.num_processes > 1:
+            images = gather_object(images)
+        images = list(dict.fromkeys(images))
+        saved = list_checkpoints(self.out_dir)
+        kept = f"the checkpoint of step {saved[-1][0]} is intact" if saved else "no checkpoint was written yet"
+        raise FloatingPointError(
+            f"non-finite loss at step {self.step + 1} (batch of {len(local) * self.accelerator.num_processes} "
+            f"captions from {self.cfg.data.captions}); non-finite for image {describe_ids(images)}; "
+            f"stopped before the update, {kept}")
 
     # ---- the loop ------------------------------------------------------------------------------
     def _batches(self):
@@ -247,24 +351,34 @@ class Trainer:
         while True:
             yield from self.loader
 
+    def _over_budget(self, start: float) -> bool:
+        budget = self.cfg.train.time_budget_s
+        if budget <= 0:
+            return False
+        over = torch.tensor([float(budget <= time.time() - start)], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:  # every process must stop at the same step
+            over = self.accelerator.reduce(over, "sum")
+        return bool(over.item() > 0)
+
     def train(self, resume: bool = True) -> dict:
         cfg = self.cfg.train
         if resume:
             self.resume()
         batches = self._batches()
-        micro_per_step = cfg.grad_accum
-        for _ in range(self.step * micro_per_step):  # skip what was already consumed
+        micro = self.step * cfg.grad_accum
+        for _ in range(micro):  # skip what was already consumed
             next(batches)
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.accelerator.is_main_process),
                    desc="train", dynamic_ncols=True)
         start, last = time.time(), {}
         model = self.model.train()
         while self.step < cfg.steps:
-            ids, feats = next(batches)
+            ids, feats, index = next(batches)
             with self.accelerator.accumulate(model), self.accelerator.autocast():
-                terms = self._losses(model, ids, feats)
-                if not torch.isfinite(terms["loss"]):  # stop before the update: the last checkpoint stays good
-                    raise FloatingPointError(f"non-finite loss {float(terms['loss'])} at step {self.step + 1}")
+                terms = self._losses(model, ids, feats, micro)
+                micro += 1
+                # Checked before the update, so the last checkpoint stays good.
+                scalars = self._scalars(terms, index)
                 self.accelerator.backward(terms["loss"])
                 if self.accelerator.sync_gradients and cfg.grad_clip > 0:
                     self.accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -276,14 +390,14 @@ class Trainer:
             self.ema.update_parameters(self.accelerator.unwrap_model(model))
             self.step += 1
             bar.update(1)
-            last = {k: float(v.detach()) for k, v in terms.items() if v.dim() == 0}
+            last = scalars
             # the last step: the planned one, or the first past train.time_budget_s (then it saves and stops)
-            done = self.step == cfg.steps or 0 < cfg.time_budget_s <= time.time() - start
+            done = self.step == cfg.steps or self._over_budget(start)
             if self.step % cfg.log_every == 0 or done:
                 bar.set_postfix(loss=f"{last['loss']:.3f}")
                 self._log({"step": self.step, "lr": self.scheduler.get_last_lr()[0],
                            "elapsed_s": time.time() - start, **{f"train/{k}": v for k, v in last.items()}})
-            if cfg.eval_every and (self.step % cfg.eval_every == 0 or done):
+            if cfg.eval_every and (self.step % cfg.eval_every == 0 or done) and self.accelerator.is_main_process:
                 self._log({"step": self.step, **self.validate()})
                 model.train()
             if self.step % cfg.save_every == 0 or done:

@@ -62,7 +62,8 @@ def load_split(records: list[CaptionRecord], store: FeatureStore, tokenizer: Cap
 
 
 class CaptionPairs(Dataset):
-    """(token ids [L], features [...]) for every caption of a split."""
+    """(token ids [L], features [...], caption index) for every caption of a split; the index lets
+    the trainer name the images of a batch whose loss is not finite."""
 
     def __init__(self, split: SplitData):
         self.split = split
@@ -70,5 +71,5 @@ class CaptionPairs(Dataset):
     def __len__(self) -> int:
         return len(self.split.caption_ids)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.split.caption_ids[i], self.split.features[self.split.caption_image[i]]
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        return self.split.caption_ids[i], self.split.features[self.split.caption_image[i]], i

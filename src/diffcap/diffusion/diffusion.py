@@ -11,6 +11,7 @@ from torch import nn
 
 from ..config import DiffusionConfig
 from .objectives import make_objective
+from .noise import StepNoise
 from .schedules import alpha_bar, make_betas
 from .timesteps import make_timestep_sampler
 
@@ -45,7 +46,7 @@ class GaussianDiffusion(nn.Module):
         return d.mean(dim=(1, 2))  # (B,)
 
     def training_losses(self, model, ids: torch.Tensor, features: torch.Tensor,
-                        t: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                        t: torch.Tensor | None = None, noise: StepNoise | None = None) -> dict[str, torch.Tensor]:
         """Losses for one batch.
 
         Args:
@@ -53,6 +54,8 @@ class GaussianDiffusion(nn.Module):
             ids: [B x L] token ids.
             features: [B x ...] features as stored in the feature file.
             t: [B*K] fixed timesteps (validation per quartile); drawn by the timestep sampler if None.
+            noise: where training draws its randomness (per global-batch position, so that several
+                processes train like one); the global torch RNG if None.
         Returns:
             dict with the scalar ``loss`` and its terms, plus ``per_sample`` [B*K] and ``t`` [B*K].
         """
@@ -65,32 +68,40 @@ class GaussianDiffusion(nn.Module):
         batch = ids.shape[0]
         x0 = core.embedding(ids)  # (B, L, D)
         if t is None:
-            t, weights = self.timesteps.sample(batch, ids.device)
+            t, weights = self.timesteps.sample(batch, ids.device, noise)
             learn_timesteps = True
         else:
             weights, learn_timesteps = torch.ones(batch, device=ids.device), False
-        noise = torch.randn_like(x0)
-        x_t = self.q_sample(x0, t, noise)
-        drop = torch.rand(batch, device=ids.device) < cfg.cond_dropout
+
+        def randn_like(x):
+            return noise.randn(*x.shape[1:]).to(x.dtype) if noise is not None else torch.randn_like(x)
+
+        def rand():
+            return noise.rand() if noise is not None else torch.rand(batch, device=ids.device)
+
+        eps = randn_like(x0)
+        x_t = self.q_sample(x0, t, eps)
+        drop = rand() < cfg.cond_dropout
 
         self_cond = None
         if core.cfg.self_condition:
             # Bit Diffusion: half the time, first estimate x0 without gradient and feed it back in.
             with torch.no_grad():
                 first = self.predict_x0(model(x_t, t, cond, None, drop), x_t, t)
-            use = (torch.rand(batch, device=ids.device) < 0.5)[:, None, None]
+            use = (rand() < 0.5)[:, None, None]
             self_cond = torch.where(use, first, torch.zeros_like(first)).detach()
 
         out = model(x_t, t, cond, self_cond, drop)
-        per_sample = self._distance(out, self.objective.target(x0, noise, t))
+        per_sample = self._distance(out, self.objective.target(x0, eps, t))
         x0_hat = self.predict_x0(out, x_t, t)
         logits = core.embedding.logits(x0_hat)  # (B, L, V)
         rounding = nn.functional.cross_entropy(logits.transpose(1, 2).float(), ids, reduction="none").mean(dim=1)
         # Diffusion-LM's prior term: E||sqrt(abar_T) x0||^2 keeps learned embedding norms from growing
         # until x_T is no longer pure noise (zero gradient for frozen or normalised tables).
         prior = (self.alpha_bar[-1] * x0.pow(2)).mean(dim=(1, 2))
-        if learn_timesteps:
-            self.timesteps.update(t, per_sample + cfg.rounding_weight * rounding)
+        if learn_timesteps:  # with the whole global batch, so that every process keeps the same history
+            gather = noise.gather if noise is not None else (lambda x: x)
+            self.timesteps.update(gather(t), gather((per_sample + cfg.rounding_weight * rounding).detach()))
 
         terms = {
             "diffusion": (weights * per_sample).mean(),
@@ -101,7 +112,7 @@ class GaussianDiffusion(nn.Module):
         if cfg.restore_weight > 0:
             # Diffusion-LM's t=0 term: from x_1 the model must give back the embeddings themselves.
             t0 = torch.zeros_like(t)
-            x_1 = self.q_sample(x0, t0, torch.randn_like(x0))
+            x_1 = self.q_sample(x0, t0, randn_like(x0))
             restored = self.predict_x0(model(x_1, t0, cond, None, drop), x_1, t0)
             terms["restore"] = self._distance(restored, x0).mean()
             loss = loss + cfg.restore_weight * terms["restore"]

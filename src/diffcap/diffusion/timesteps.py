@@ -19,8 +19,13 @@ class UniformTimesteps:
     def __init__(self, num_timesteps: int):
         self.num_timesteps = num_timesteps
 
-    def sample(self, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        t = torch.randint(0, self.num_timesteps, (batch,), device=device)
+    def sample(self, batch: int, device, noise=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``noise``: a :class:`~diffcap.diffusion.noise.StepNoise` to draw from (training), else the
+        global RNG."""
+        if noise is not None:
+            t = noise.randint(self.num_timesteps)
+        else:
+            t = torch.randint(0, self.num_timesteps, (batch,), device=device)
         return t, torch.ones(batch, device=device)
 
     def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
@@ -44,13 +49,14 @@ class LossAwareTimesteps(UniformTimesteps):
         w = w / w.sum()
         return w * (1 - self.uniform_prob) + self.uniform_prob / self.bands
 
-    def sample(self, batch, device):
+    def sample(self, batch, device, noise=None):
         p = self.band_probs()
-        band = torch.multinomial(p, batch, replacement=True)
+        band = noise.multinomial(p).cpu() if noise is not None else torch.multinomial(p, batch, replacement=True)
         width = self.num_timesteps / self.bands
         lo = (band.float() * width).floor()
         hi = ((band.float() + 1) * width).floor()
-        t = (lo + torch.rand(batch) * (hi - lo)).long().clamp(max=self.num_timesteps - 1)
+        frac = noise.rand().cpu() if noise is not None else torch.rand(batch)
+        t = (lo + frac * (hi - lo)).long().clamp(max=self.num_timesteps - 1)
         weights = 1.0 / (self.bands * p[band]) if self.reweight else torch.ones(batch)
         return t.to(device), weights.to(device)
 
