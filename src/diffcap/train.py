@@ -52,6 +52,10 @@ def load_training_data(cfg: Config) -> TrainingData:
     records = read_captions(cfg.data.captions)
     store = FeatureStore.open(cfg.data.features)
     check_ids(records, store, cfg.data.captions)
+    captioned = {r.image_id for r in records}
+    if unused := [i for i in store.ids if i not in captioned]:
+        log.warning("%s: %s have features but no captions in %s; they are not used",
+                    store.path, describe_ids(unused), cfg.data.captions)
     train_captions = [r.caption for r in records if r.split == cfg.data.train_split]
     if cfg.text.tokenizer == "word_level":
         tokenizer = CaptionTokenizer.build_word_level(train_captions, min_count=cfg.text.min_count,

@@ -51,10 +51,19 @@ def load_split(records: list[CaptionRecord], store: FeatureStore, tokenizer: Cap
     for r in rows:
         references[r.image_id].append(r.caption)
     captions = [r.caption for r in rows]
-    too_long = sum(n > tokenizer.max_length for n in tokenizer.lengths_before_truncation(captions))
-    if too_long:
-        log.warning("%s: %d of %d %s captions are longer than max_length=%d tokens and were truncated",
-                    captions_path, too_long, len(rows), split, tokenizer.max_length)
+    lengths = tokenizer.lengths_before_truncation(captions)
+    # A caption with no tokens at all (e.g. only characters the tokenizer drops) would train the
+    # model to emit nothing: an error here rather than a silently useless example.
+    empty = [r for r, n in zip(rows, lengths) if n == 0]
+    if empty:
+        shown = ", ".join(f"{r.image_id!r} ({r.caption!r})" for r in empty[:5])
+        raise DataError(f"{captions_path}: {len(empty)} {split} caption(s) have no tokens (all PAD), "
+                        f"for image(s) {shown}{' and more' if len(empty) > 5 else ''}")
+    long_rows = [r for r, n in zip(rows, lengths) if n > tokenizer.max_length]
+    if long_rows:
+        log.warning("%s: %d of %d %s captions are longer than max_length=%d tokens and were truncated "
+                    "(e.g. for image(s) %s)", captions_path, len(long_rows), len(rows), split,
+                    tokenizer.max_length, ", ".join(repr(r.image_id) for r in long_rows[:5]))
     return SplitData(
         name=split, image_ids=image_ids, features=store.get(image_ids), references=references,
         caption_ids=tokenizer.encode(captions), caption_image=torch.tensor([index[r.image_id] for r in rows]),

@@ -42,9 +42,10 @@ def build_body(*, d_model: int, n_layers: int, n_heads: int, dropout: float, max
             max_position_embeddings=max_positions, type_vocab_size=1,
         )
         body = BertModel(config, add_pooling_layer=False)
-    # The denoiser feeds vectors, never ids: a 1-row table keeps the checkpoint small and leaves no
-    # unused parameters (which multi-process DDP would reject).
+    # The denoiser feeds vectors, never ids: a 1-row table keeps the checkpoint small, and freezing it
+    # leaves no parameter without a gradient (which multi-process DDP rejects).
     body.set_input_embeddings(nn.Embedding(1, body.config.hidden_size))
+    body.get_input_embeddings().weight.requires_grad_(False)
     if getattr(body, "pooler", None) is not None:
         body.pooler = None
     return body
