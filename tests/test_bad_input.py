@@ -1,0 +1,145 @@
+"""Hostile inputs fail early, before training, with a message naming the file and the item; a NaN
+loss stops training with the step and the images, and leaves the last checkpoint intact."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from diffcap.checkpoints import list_checkpoints
+from diffcap.cli import main
+from diffcap.data.contract import CaptionRecord, DataError, write_captions
+from diffcap.train import Trainer, load_training_data
+
+from conftest import make_feature_data, small_config
+
+
+def test_nan_features_name_the_file_and_image(feature_data):
+    path = feature_data / "features.safetensors"
+    items = {f"img{i}": torch.randn(16) for i in range(8)} | {f"val{i}": torch.randn(16) for i in range(4)}
+    items["img3"][5] = float("nan")
+    items["val1"][0] = float("inf")
+    save_file(items, str(path))  # another producer: write_features would refuse
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: NaN or infinite values in 2 id\(s\): 'img3', 'val1'"):
+        load_training_data(small_config(feature_data))
+
+
+def test_ids_that_do_not_match(feature_data, caplog):
+    captions = feature_data / "captions.jsonl"
+    records = [CaptionRecord(f"img{i}", "a dog runs", "train") for i in range(8)]
+    write_captions(records + [CaptionRecord("img99", "a cat", "train"), CaptionRecord("img98", "a cat", "train")], captions)
+    with pytest.raises(DataError) as info:
+        load_training_data(small_config(feature_data))
+    message = str(info.value)
+    assert message.startswith(str(captions)) and "'img99', 'img98'" in message and "features.safetensors" in message
+    # features without captions are legal (a file for several splits) but reported
+    write_captions(records, captions)
+    with caplog.at_level(logging.WARNING):
+        load_training_data(small_config(feature_data))
+    assert "features.safetensors: 4 id(s): 'val0', 'val1', 'val2', 'val3' have features but no captions" in caplog.text
+
+
+def test_truncated_feature_file_names_the_file(feature_data, capsys):
+    path = feature_data / "features.safetensors"
+    path.write_bytes(path.read_bytes()[:-7])
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: not a readable safetensors file"):
+        load_training_data(small_config(feature_data))
+    # the command line turns it into one line and exit status 2
+    cfg = small_config(feature_data)
+    args = [f"data.captions={cfg.data.captions}", f"data.features={path}", "train.steps=1"]
+    assert main(["train", "--out", str(feature_data / "run"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err
+
+
+def test_empty_and_all_pad_captions_are_errors(feature_data):
+    captions = feature_data / "captions.jsonl"
+    captions.write_text('{"image_id": "img0", "caption": "   ", "split": "train"}\n')
+    with pytest.raises(DataError, match=rf"^{re.escape(str(captions))}:1: empty caption for image 'img0'"):
+        load_training_data(small_config(feature_data))
+    # a lone combining accent: not empty text, but no tokens at all once normalised (all PAD)
+    records = [CaptionRecord(f"img{i}", "a dog runs", "train") for i in range(7)] + [CaptionRecord("img7", "\u0301", "train")]
+    write_captions(records, captions)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(captions))}: 1 train caption\(s\) have no tokens \(all PAD\), "
+                                        r"for image\(s\) 'img7'"):
+        load_training_data(small_config(feature_data))
+
+
+def test_over_long_captions_are_counted(feature_data, caplog):
+    captions = feature_data / "captions.jsonl"
+    long = "a very long caption " * 4
+    records = [CaptionRecord(f"img{i}", long if i in (2, 5) else "a dog", "train") for i in range(8)]
+    write_captions(records, captions)
+    with caplog.at_level(logging.WARNING):
+        load_training_data(small_config(feature_data))  # max_length 10
+    assert (f"{captions}: 2 of 8 train captions are longer than max_length=10 tokens and were truncated "
+            "(e.g. for image(s) 'img2', 'img5')") in caplog.text
+
+
+def test_feature_width_that_does_not_fit_the_run(feature_data, tmp_path):
+    run = tmp_path / "run"
+    Trainer(small_config(feature_data, steps=2), run).train(resume=False)
+    before = (run / "model.safetensors").read_bytes()
+    wide = make_feature_data(tmp_path / "wide", dim=24)
+    with pytest.raises(DataError) as info:
+        Trainer(small_config(wide, steps=4), run).train()
+    message = str(info.value)
+    assert message.startswith(str(wide / "features.safetensors")) and "x 24" in message and "x 16" in message
+    assert str(run) in message
+    assert (run / "model.safetensors").read_bytes() == before
+
+
+def test_decompression_bomb_is_an_error_naming_the_file(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from diffcap.images import ImageError, load_image
+
+    path = tmp_path / "bomb.png"
+    Image.new("RGB", (64, 64)).save(path)
+    # Pillow's limit scaled down, so a 64x64 file plays the multi-gigapixel bomb
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ImageError, match=rf"^{re.escape(str(path))}: not a readable image"):
+        load_image(path)  # > 2x the limit: DecompressionBombError
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)
+    with pytest.raises(ImageError, match=rf"^{re.escape(str(path))}: not a readable image"):
+        load_image(path)  # just above the limit: Pillow only warns; still an error here
+
+
+def _digest(folder):
+    return {p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_nan_loss_stops_with_step_and_images_and_keeps_the_checkpoint(feature_data, tmp_path):
+    run = tmp_path / "run"
+    cfg = small_config(feature_data, steps=10)
+    cfg.train.save_every = 4
+    trainer = Trainer(cfg, run)
+    real = trainer.diffusion.training_losses
+    calls = []
+
+    def poisoned(model, ids, feats, **kw):
+        terms = real(model, ids, feats, **kw)
+        calls.append(1)
+        if len(calls) == 6:  # step 6: one caption's loss becomes NaN, as from a bad example
+            per = terms["per_sample"].clone()
+            per[3] = float("nan")
+            terms["per_sample"] = per
+            terms["loss"] = terms["loss"] + per.sum()
+        return terms
+
+    trainer.diffusion.training_losses = poisoned
+    with pytest.raises(FloatingPointError) as info:
+        trainer.train(resume=False)
+    message = str(info.value)
+    assert "non-finite loss at step 6" in message and "captions.jsonl" in message
+    assert re.search(r"non-finite for image 1 id\(s\): 'img\d'", message)
+    assert "the checkpoint of step 4 is intact" in message
+    assert [s for s, _ in list_checkpoints(run)] == [4]
+    saved = _digest(run / "checkpoints" / "step-000004")
+    resumed = Trainer(small_config(feature_data, steps=10), run)
+    assert resumed.resume() and resumed.step == 4
+    assert _digest(run / "checkpoints" / "step-000004") == saved

@@ -1,0 +1,64 @@
+"""`accelerate launch` with 2 CPU processes (gloo), batch B each, trains like 1 process with batch 2B.
+
+What makes the curves equal (see train.py and diffusion/noise.py): Accelerate deals consecutive
+batches of one shuffled order to the processes, so each step sees the same 2B captions; the noise,
+timesteps and dropout masks of the diffusion loss come from a generator keyed on (seed, step) for the
+whole global batch, each process keeping its rows; DDP averages the gradients of equal-sized shards;
+logged losses are averaged over the processes; model dropout is 0 (it draws from each process's RNG).
+"""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+from diffcap.train import Trainer
+
+from conftest import make_feature_data, small_config
+from test_resume import cli_env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def losses(run) -> list[float]:
+    lines = (run / "logs" / "train.jsonl").read_text().splitlines()
+    return [json.loads(line)["train/loss"] for line in lines if "train/loss" in line]
+
+
+def test_two_processes_match_one_with_double_batch(tmp_path):
+    data = make_feature_data(tmp_path / "data", n_train=16)
+    steps, per_process = 8, 4
+    cfg = small_config(data, steps=steps)
+    cfg.train.log_every, cfg.train.batch_size, cfg.train.warmup_steps = 1, per_process, 2
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps(cfg.to_dict()))
+
+    # On a machine without GPUs, --multi_gpu starts the processes with torchrun and
+    # ACCELERATE_USE_CPU makes each one join a gloo process group on the CPU.
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port())]
+    out = subprocess.run([*launch, "-m", "diffcap.cli", "train", "--config", str(config), "--out",
+                          str(tmp_path / "two")], env=dict(cli_env(), ACCELERATE_USE_CPU="true"),
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert len([line for line in out.stdout.splitlines() if line.startswith("{")]) == 2  # both processes ran
+
+    cfg.train.batch_size = 2 * per_process
+    Trainer(cfg, tmp_path / "one").train(resume=False)
+
+    two, one = losses(tmp_path / "two"), losses(tmp_path / "one")
+    assert len(two) == len(one) == steps  # one log line per step: only the main process writes
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-5, atol=1e-5)
+    assert len(set(one)) > 1  # the curve moves, so equality is not trivial
+    a, b = load_file(str(tmp_path / "two" / "model.safetensors")), load_file(str(tmp_path / "one" / "model.safetensors"))
+    for name in b:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
