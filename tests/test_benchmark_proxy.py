@@ -136,7 +136,8 @@ def test_time_budget_stops_training_and_saves(feature_data, tmp_path):
     cfg.train.time_budget_s = 0.5
     out = Trainer(cfg, tmp_path / "run").train(resume=False)
     assert 1 <= out["steps"] < 10**6 and 0.5 <= out["train_s"] < 10
-    state = json.loads((tmp_path / "run" / "trainer_state" / "state.json").read_text())
+    newest = json.loads((tmp_path / "run" / "checkpoint.json").read_text())["checkpoint"]
+    state = json.loads((tmp_path / "run" / newest / "trainer_state" / "state.json").read_text())
     assert state["step"] == out["steps"] and (tmp_path / "run" / "model.safetensors").is_file()
     logged = [json.loads(line) for line in (tmp_path / "run" / "logs" / "train.jsonl").open()]
     assert logged[-1]["step"] == out["steps"]

@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from diffcap.train import Trainer
@@ -39,7 +40,7 @@ def test_two_processes_match_one_with_double_batch(tmp_path):
     cfg = small_config(data, steps=steps)
     cfg.train.log_every, cfg.train.batch_size, cfg.train.warmup_steps = 1, per_process, 2
     config = tmp_path / "config.yaml"
-    config.write_text(json.dumps(cfg.to_dict()))
+    config.write_text(yaml.safe_dump(cfg.to_dict()))
 
     # On a machine without GPUs, --multi_gpu starts the processes with torchrun and
     # ACCELERATE_USE_CPU makes each one join a gloo process group on the CPU.

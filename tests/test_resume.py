@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import diffcap
@@ -101,7 +102,7 @@ def test_sigkilled_training_resumes_bit_identical(feature_data, tmp_path):
     cfg = small_config(feature_data, steps=steps)
     cfg.train.save_every, cfg.train.keep_checkpoints = 5, 2
     config = tmp_path / "config.yaml"
-    config.write_text(json.dumps(cfg.to_dict()))  # JSON is YAML
+    config.write_text(yaml.safe_dump(cfg.to_dict()))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -5,7 +5,9 @@
     RUN_DIR/tokenizer/           the tokenizer files
     RUN_DIR/model.safetensors    raw weights
     RUN_DIR/ema.safetensors      EMA weights (what sampling uses by default)
-    RUN_DIR/trainer_state/       optimizer, LR schedule, step and RNG states, for resume
+    RUN_DIR/checkpoints/step-N/  the last few checkpoints: all of the above plus trainer_state/
+                                 (optimizer, LR schedule, step, RNG and EMA states), for resume;
+                                 the files above are published from the newest (see checkpoints.py)
 
 Weights are safetensors and everything else is JSON: nothing is pickled, so loading runs no code.
 """
