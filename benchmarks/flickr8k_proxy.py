@@ -182,14 +182,11 @@ class LazyEncoder:
 
     def __call__(self, sentences: list[str]) -> torch.Tensor:
         if self.model is None:
-            from sentence_transformers import SentenceTransformer
+            from diffcap.data.features import TextEncoder
 
             say(f"loading {ENCODER_NAME} from {self.path}")
-            self.model = SentenceTransformer(str(self.path), device="cpu")
-        with torch.no_grad():
-            out = self.model.encode(sentences, batch_size=128, normalize_embeddings=True, convert_to_tensor=True,
-                                    show_progress_bar=False)
-        return out.float().cpu()
+            self.model = TextEncoder(str(self.path), kind="sentence-transformers", device="cpu", batch_size=128)
+        return self.model(sentences)
 
 
 def cached_features(folder: Path, source: Path, ids: list[str], conditions: list[str],

@@ -25,6 +25,15 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     overfit_n: int = 0  # debug: train on the first N examples only (the seed's single-sample trials)
+    # The encoder that made the features (hub id or path) and its kind (clip-image, clip-text,
+    # sentence-transformers); filled in from the feature file's metadata, so `diffcap caption` can
+    # encode new images the same way.
+    encoder: str = ""
+    encoder_kind: str = ""
+    # Gaussian noise added to the condition at training time only: CapDec (arXiv 2211.00575) trains on
+    # text embeddings and uses std sqrt(0.016) ~ 0.126 so that image embeddings land inside the
+    # training distribution at test time.
+    feature_noise_std: float = 0.0
 
 
 @dataclass
@@ -196,6 +205,7 @@ def _coerce(value: Any, current: Any, key: str, source: str) -> Any:
 
 
 _CHOICES = {
+    ("data", "encoder_kind"): ("", "clip-image", "clip-text", "sentence-transformers"),
     ("model", "kind"): ("diffusion", "autoregressive"),
     ("model", "fusion"): ("add", "concat"),
     ("model", "image_encoder"): (None, "cnn"),
@@ -220,5 +230,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("diffusion.timesteps_per_caption must be >= 1")
     if cfg.sampler.steps < 1 or cfg.sampler.steps > cfg.diffusion.num_timesteps:
         raise ConfigError(f"sampler.steps must be in 1..{cfg.diffusion.num_timesteps}")
+    if cfg.data.feature_noise_std < 0:
+        raise ConfigError(f"data.feature_noise_std must be >= 0, got {cfg.data.feature_noise_std}")
     if not 0.0 <= cfg.diffusion.cond_dropout < 1.0:
         raise ConfigError("diffusion.cond_dropout must be in [0, 1)")
