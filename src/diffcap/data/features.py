@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,14 +120,14 @@ class ClipImageEncoder:
             with _quiet_transformers():
                 self.processor = CLIPImageProcessor.from_pretrained(self.model_id)
                 self.model = CLIPVisionModelWithProjection.from_pretrained(
-                    self.model_id, config=_tower_config(self.model_id, "vision"), dtype=self.dtype)
+                    self.model_id, config=_tower_config(self.model_id, "vision"))
         except (OSError, ValueError, KeyError) as exc:
             raise _load_failed(self.model_id, "a CLIP vision tower and image processor", exc) from exc
-        self.model.to(self.device).eval().requires_grad_(False)
+        self.model.to(self.device, self.dtype).eval().requires_grad_(False)
 
     def preprocess(self, image) -> torch.Tensor:
         """One PIL image -> pixel values [3 x S x S] (resize, centre crop, normalise)."""
-        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+        return _pixels(self.processor, image)
 
     @torch.no_grad()
     def __call__(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -143,11 +143,16 @@ class ClipImageEncoder:
         return self(torch.stack([self.preprocess(img) for img in images]))
 
 
-class _ImageFiles(Dataset):
-    """(id, pixel values or None, error message) per image; decoding runs in the loader's workers."""
+def _pixels(processor, image) -> torch.Tensor:
+    return processor(images=image, return_tensors="pt")["pixel_values"][0]
 
-    def __init__(self, items: list[tuple[str, Path]], preprocess: Callable):
-        self.items, self.preprocess = items, preprocess
+
+class _ImageFiles(Dataset):
+    """(id, pixel values or None, error message) per image; decoding runs in the loader's workers, which
+    get only the image processor (not the model) when they start."""
+
+    def __init__(self, items: list[tuple[str, Path]], processor):
+        self.items, self.processor = items, processor
 
     def __len__(self) -> int:
         return len(self.items)
@@ -155,7 +160,7 @@ class _ImageFiles(Dataset):
     def __getitem__(self, i: int):
         image_id, path = self.items[i]
         try:
-            return image_id, self.preprocess(load_image(path)), ""
+            return image_id, _pixels(self.processor, load_image(path)), ""
         except ImageError as exc:
             return image_id, None, str(exc)
 
@@ -270,7 +275,7 @@ def extract_image_features(images: dict[str, Path], out_dir: str | Path, encoder
 
 def _encode_shard(shard_ids: list[str], images: dict[str, Path], encoder: ClipImageEncoder, batch_size: int,
                   workers: int, bar) -> tuple[dict[str, torch.Tensor], list[list[str]]]:
-    loader = DataLoader(_ImageFiles([(i, images[i]) for i in shard_ids], encoder.preprocess), batch_size=batch_size,
+    loader = DataLoader(_ImageFiles([(i, images[i]) for i in shard_ids], encoder.processor), batch_size=batch_size,
                         num_workers=workers, collate_fn=_collate)
     tensors: dict[str, torch.Tensor] = {}
     bad: list[list[str]] = []
