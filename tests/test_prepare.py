@@ -143,6 +143,27 @@ def test_folder_layout_with_patch_grid(tmp_path, tiny_clip):
     assert torch.allclose(direct["pooled"][0], pooled.get(ids[:1])[0], atol=1e-5)
 
 
+def test_vision_only_checkpoint_needs_no_tokenizer(tmp_path, tiny_clip):
+    """Image features need only the vision tower and the image processor."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    folder = tmp_path / "vision_only"
+    vision = CLIPConfig.from_pretrained(tiny_clip).vision_config
+    vision.projection_dim = PROJ
+    CLIPVisionModelWithProjection(vision).save_pretrained(folder)
+    CLIPImageProcessor.from_pretrained(tiny_clip).save_pretrained(folder)
+    assert not list(folder.glob("tokenizer*")) and not list(folder.glob("vocab*"))
+    root = folder_layout(tmp_path / "photos")
+    prepare("folder", root, tmp_path / "out", encoder=str(folder), progress=False)
+    assert FeatureStore.open(tmp_path / "out" / "features.safetensors").item_shape == (PROJ,)
+
+
+def test_unknown_encoder_is_a_clear_error(tmp_path):
+    root = folder_layout(tmp_path / "photos")
+    with pytest.raises(ValueError, match="no_such_clip"):
+        prepare("folder", root, tmp_path / "out", encoder=str(tmp_path / "no_such_clip"), progress=False)
+
+
 def test_folder_without_splits_is_split_by_image(tmp_path):
     root = tmp_path / "f"
     root.mkdir()
@@ -253,6 +274,7 @@ def test_text_condition_clip_text(tmp_path, tiny_clip):
 
 
 def test_text_condition_sentence_transformers(tmp_path, minilm_dir):
+    pytest.importorskip("sentence_transformers")
     root = flickr8k_layout(tmp_path / "flickr8k")
     (root / "Images").rename(root / "gone")  # text-only preparation never opens an image
     summary = prepare("flickr8k", root, tmp_path / "out", condition="text", text_encoder=str(minilm_dir),

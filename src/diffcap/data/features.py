@@ -71,12 +71,15 @@ def _quiet_transformers() -> Iterator[None]:
     that is intended here, so keep the report out of the user's terminal."""
     from transformers.utils import logging as hf_logging
 
-    level = hf_logging.get_verbosity()
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # a bar per tiny weight load says nothing; extraction has its own
     try:
         yield
     finally:
         hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _tower_config(model_id: str, tower: str):
@@ -313,7 +316,8 @@ class TextEncoder:
             if self.kind == "sentence-transformers":
                 from sentence_transformers import SentenceTransformer
 
-                self.model = SentenceTransformer(self.encoder, device=str(self.device))
+                with _quiet_transformers():
+                    self.model = SentenceTransformer(self.encoder, device=str(self.device))
             else:
                 from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
