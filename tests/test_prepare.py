@@ -198,6 +198,7 @@ class CountingEncoder:
     def __init__(self, inner: ClipImageEncoder, fail_after_batches: int | None = None):
         self.inner, self.fail_after = inner, fail_after_batches
         self.model_id, self.patch_tokens, self.processor = inner.model_id, inner.patch_tokens, inner.processor
+        self.dtype = inner.dtype
         self.images = self.batches = 0
 
     def __call__(self, pixel_values):
@@ -251,6 +252,7 @@ def test_corrupt_and_missing_images_are_named(tmp_path, tiny_clip, capsys):
     assert main(args) == 2
     assert corrupt.name in capsys.readouterr().err
     assert main(args + ["--skip-bad"]) == 0
+    assert (tmp_path / "out" / "bad_images.txt").is_file()
     summary = json.loads((tmp_path / "out" / "prepare.json").read_text())
     assert summary["images_left_out"] == 2
     assert FeatureStore.open(tmp_path / "out" / "features.safetensors").ids == [names(4)[0], names(4)[2]]

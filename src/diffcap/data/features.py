@@ -232,8 +232,10 @@ def extract_image_features(images: dict[str, Path], out_dir: str | Path, encoder
     ids = sorted(images)
     if not ids:
         raise DataError(f"{out_dir}: no images to encode")
-    manifest = {"encoder": encoder.model_id, "patch_tokens": encoder.patch_tokens, "shard_size": shard_size,
-                "n_images": len(ids), "ids_sha1": hashlib.sha1("\n".join(ids).encode()).hexdigest()}
+    manifest = {"encoder": encoder.model_id, "dtype": str(encoder.dtype), "patch_tokens": encoder.patch_tokens,
+                "shard_size": shard_size,
+                "n_images": len(ids),
+                "images_sha1": hashlib.sha1("\n".join(f"{i}\t{images[i]}" for i in ids).encode()).hexdigest()}
     _start_shards(shard_dir, manifest)
     shards = [ids[i:i + shard_size] for i in range(0, len(ids), shard_size)]
     result = Extraction(files={}, n_images=len(ids))
@@ -255,6 +257,7 @@ def extract_image_features(images: dict[str, Path], out_dir: str | Path, encoder
             merged[output][image_id] = value
         result.bad += [(image_id, message) for image_id, message in bad]
     bar.close()
+    (out_dir / "bad_images.txt").unlink(missing_ok=True)  # a list from an earlier run would be stale
     if result.bad:
         listing = "\n".join(message for _, message in result.bad)
         with atomic_output(out_dir / "bad_images.txt") as tmp:
