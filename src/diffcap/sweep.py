@@ -118,7 +118,7 @@ def load_sweep(path: str | Path, data: str | Path | None = None, out: str | Path
     data_value = data if data is not None else raw.get("data")
     if not data_value:
         raise _err(path, "no 'data' folder (or pass --data)")
-    data_dir = Path(data_value) if data is not None else here / str(data_value)
+    data_dir = (Path(data_value) if data is not None else here / str(data_value)).resolve()
 
     def resolve(p: str | None) -> Path | None:
         if not p:
@@ -182,6 +182,9 @@ def variant_config(sweep: Sweep, variant: Variant) -> Config:
     sub = lambda items: [s.replace("{data}", str(sweep.data.resolve())) for s in items]  # noqa: E731
     for file, overrides in ((sweep.base, sweep.overrides), (variant.config, variant.overrides)):
         if file is not None:
+            if not file.is_file() and not sweep.data.is_dir():
+                raise FileNotFoundError(f"{sweep.data}: the data folder of {sweep.path} does not exist "
+                                        "(docs/experiments.md gives the command that prepares it)")
             apply_dict(cfg, _read_yaml(file), str(file))
         for item in sub(overrides):
             apply_override(cfg, item)
