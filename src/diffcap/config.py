@@ -89,6 +89,10 @@ class SamplerConfig:
     steps: int = 20
     clamp: bool = True  # snap x0 to the nearest embedding (Diffusion-LM's clamping trick)
     guidance_scale: float = 1.0
+    # Classifier guidance (Dhariwal & Nichol, arXiv 2105.05233): scale of grad log p(c|x_t) from the
+    # guidance model in RUN/<classifier_path>/ (trained by `diffcap train-guidance`); 0 = off.
+    classifier_scale: float = 0.0
+    classifier_path: str = "guidance"
     mbr: int = 1  # minimum Bayes risk selection among this many samples
     seed: int = 0
     beam_size: int = 1  # autoregressive model: 1 = greedy
@@ -232,5 +236,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"sampler.steps must be in 1..{cfg.diffusion.num_timesteps}")
     if cfg.data.feature_noise_std < 0:
         raise ConfigError(f"data.feature_noise_std must be >= 0, got {cfg.data.feature_noise_std}")
+    if cfg.sampler.classifier_scale < 0:
+        raise ConfigError("sampler.classifier_scale must be >= 0 (0 = no classifier guidance)")
     if not 0.0 <= cfg.diffusion.cond_dropout < 1.0:
         raise ConfigError("diffusion.cond_dropout must be in [0, 1)")
