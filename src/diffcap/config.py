@@ -62,6 +62,10 @@ class ModelConfig:
     emb_scale: float = 1.0
     time_embedding: bool = True  # sinusoidal timestep embedding; the seed had none
     self_condition: bool = True  # Bit Diffusion, arXiv 2208.04202
+    # CDCD's score interpolation (arXiv 2211.15089): the network outputs logits over the vocabulary and
+    # x0_hat = softmax(logits) @ E, so the rounding cross-entropy trains it as a classifier at every noise
+    # level instead of through a D-wide regression bottleneck. Needs diffusion.objective = x0.
+    score_interpolation: bool = False
     fusion: str = "concat"  # "add" (like a time embedding) or "concat" (extra tokens + segment embedding)
     image_encoder: str | None = None  # "cnn": raw pixels go through a small CNN trained jointly (demo)
     cond_dim: int = 0  # condition width C; filled in from the feature file
@@ -76,6 +80,7 @@ class DiffusionConfig:
     step_gap: int = 30  # k of the xtk objective
     loss: str = "l1"  # l1 or mse on the objective
     rounding_weight: float = 0.3  # cross-entropy of the tied rounding head; the seed's best
+    diffusion_weight: float = 1.0  # the L1/MSE term; 0 with score interpolation is CDCD's pure CE loss
     restore_weight: float = 0.0  # Diffusion-LM's x_1 -> embedding restore term
     prior_weight: float = 1.0  # Diffusion-LM's prior term ||sqrt(abar_T) x0||^2
     timesteps_per_caption: int = 1  # the seed's SAMPLE_SIZE
@@ -230,6 +235,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"'{section}.{key}' is {value!r}; choose one of {list(allowed)}")
     if cfg.model.d_model % cfg.model.n_heads:
         raise ConfigError(f"model.d_model={cfg.model.d_model} is not divisible by model.n_heads={cfg.model.n_heads}")
+    if cfg.model.score_interpolation and cfg.diffusion.objective != "x0":
+        raise ConfigError("model.score_interpolation predicts x0 from logits: it needs diffusion.objective=x0")
     if cfg.diffusion.timesteps_per_caption < 1:
         raise ConfigError("diffusion.timesteps_per_caption must be >= 1")
     if cfg.sampler.steps < 1 or cfg.sampler.steps > cfg.diffusion.num_timesteps:
