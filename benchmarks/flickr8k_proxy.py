@@ -30,10 +30,8 @@ for the budget, cache folder, method subset and config overrides.
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import hashlib
-import json
 import os
 import platform
 import resource
@@ -54,6 +52,7 @@ import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from diffcap.budget import calibrate, plan_to_budget, reset_accelerate  # noqa: E402
 from diffcap.config import Config, ConfigError, apply_dict, apply_override, validate  # noqa: E402
 from diffcap.data.contract import (  # noqa: E402
     CaptionRecord, DataError, FeatureStore, describe_ids, read_captions, write_captions, write_features,
@@ -85,8 +84,6 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 METHODS = ("human", "retrieval", "autoregressive", "diffusion")
 ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
-CALIBRATION_STEPS, CALIBRATION_SKIP = 20, 5  # time steps SKIP..STEPS of a throwaway run
-BUDGET_FILL = 0.95  # plan this fraction of the budget, leaving room for the final checkpoint
 LATENCY_IMAGES = 20
 THROUGHPUT_BATCH = 64
 METRIC_KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE_L", "CIDEr")
@@ -182,14 +179,11 @@ class LazyEncoder:
 
     def __call__(self, sentences: list[str]) -> torch.Tensor:
         if self.model is None:
-            from sentence_transformers import SentenceTransformer
+            from diffcap.data.features import TextEncoder
 
             say(f"loading {ENCODER_NAME} from {self.path}")
-            self.model = SentenceTransformer(str(self.path), device="cpu")
-        with torch.no_grad():
-            out = self.model.encode(sentences, batch_size=128, normalize_embeddings=True, convert_to_tensor=True,
-                                    show_progress_bar=False)
-        return out.float().cpu()
+            self.model = TextEncoder(str(self.path), kind="sentence-transformers", device="cpu", batch_size=128)
+        return self.model(sentences)
 
 
 def cached_features(folder: Path, source: Path, ids: list[str], conditions: list[str],
@@ -239,6 +233,34 @@ def write_contract(folder: Path, splits: Sequence[SplitSet]) -> Path:
     return path
 
 
+def prepare_sweep_data(folder: Path, train: SplitSet, ev: SplitSet, cfg: Config, tokenizer_dir: Path) -> None:
+    """The proxy as a plain data folder for ``diffcap sweep`` (docs/experiments.md): captions.jsonl and
+    features.safetensors of the contract, ``minilm`` (a link to the encoder folder, whose WordPiece
+    tokenizer and embeddings the runs use), and ``proxy_diffusion.yaml``, this benchmark's diffusion
+    settings as config overrides, so that the experiments start from exactly these settings."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_contract(folder, [train, ev])
+    feats = dict(zip(train.image_ids, train.features)) | dict(zip(ev.image_ids, ev.features))
+    write_features(folder / "features.safetensors", {i: v.clone() for i, v in feats.items()},
+                   {"encoder": ENCODER_NAME, "condition": "caption #0 (file order), normalised sentence embedding"})
+    link = folder / "minilm"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(tokenizer_dir.resolve(), target_is_directory=True)
+    default, ours = Config().to_dict(), cfg.to_dict()
+    changed = {section: {k: v for k, v in values.items() if v != default[section][k]}
+               for section, values in ours.items() if section not in ("data",)}
+    changed["text"].pop("tokenizer", None)
+    changed = {section: values for section, values in changed.items() if values}
+    import yaml
+
+    header = ("# Written by benchmarks/flickr8k_proxy.py --prepare-only: the proxy benchmark's diffusion settings\n"
+              "# (DEFAULTS['common'] + DEFAULTS['diffusion'] + --diffusion-set) as overrides of diffcap's defaults.\n")
+    (folder / "proxy_diffusion.yaml").write_text(header + yaml.safe_dump(changed, sort_keys=False))
+    say(f"wrote {folder}: captions.jsonl ({len(train.image_ids)} train, {len(ev.image_ids)} {ev.name} images), "
+        "features.safetensors, minilm, proxy_diffusion.yaml")
+
+
 # ------------------------------------------------------------------------------------------------
 # Configs
 
@@ -259,31 +281,8 @@ def build_config(kind: str, overrides: Sequence[str], tokenizer_dir: Path) -> Co
     return cfg
 
 
-def reset_accelerate() -> None:
-    """Accelerate keeps one process-wide state whose mixed precision cannot change; every Trainer here
-    (and any later code in the same process) starts from a clean one."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-
-
 # ------------------------------------------------------------------------------------------------
 # Training to a wall-time budget
-
-
-def calibrate(cfg: Config, data, run_dir: Path) -> float:
-    """Seconds per optimiser step, from steps CALIBRATION_SKIP..CALIBRATION_STEPS of a throwaway run."""
-    import torch.utils.tensorboard  # noqa: F401  (imported here so its import is not timed as a step)
-
-    c = copy.deepcopy(cfg)
-    c.train.steps, c.train.log_every, c.train.time_budget_s = CALIBRATION_STEPS, CALIBRATION_SKIP, 0.0
-    shutil.rmtree(run_dir, ignore_errors=True)
-    reset_accelerate()
-    Trainer(c, run_dir, data=data).train(resume=False)
-    elapsed = {r["step"]: r["elapsed_s"] for r in map(json.loads, (run_dir / "logs" / "train.jsonl").open())
-               if "elapsed_s" in r}
-    shutil.rmtree(run_dir, ignore_errors=True)
-    return (elapsed[CALIBRATION_STEPS] - elapsed[CALIBRATION_SKIP]) / (CALIBRATION_STEPS - CALIBRATION_SKIP)
 
 
 def train_to_budget(cfg: Config, budget_s: float, runs: Path, name: str) -> tuple[Path, dict]:
@@ -292,10 +291,7 @@ def train_to_budget(cfg: Config, budget_s: float, runs: Path, name: str) -> tupl
     t0 = time.time()
     sec_per_step = calibrate(cfg, data, runs / f"{name}-calibration")
     calibration_s = time.time() - t0
-    planned = max(1, int(BUDGET_FILL * budget_s / max(sec_per_step, 1e-9)))
-    cfg.train.steps = planned
-    cfg.train.time_budget_s = float(budget_s)
-    cfg.train.warmup_steps = min(cfg.train.warmup_steps, max(1, planned // 10))
+    planned = plan_to_budget(cfg, budget_s, sec_per_step)
     say(f"{name}: {sec_per_step:.4f} s/step -> {planned} steps in {budget_s:.0f} s")
     run_dir = runs / name
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -498,7 +494,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--data", required=True, type=Path, help="Flickr8k folder: captions.txt, Flickr_8k.*Images.txt")
     p.add_argument("--split", default="dev", help="split to score: Flickr_8k.{SPLIT}Images.txt (default dev)")
     p.add_argument("--eval-data", type=Path, default=None, help="score this folder's split instead (default --data)")
-    p.add_argument("--out", required=True, type=Path, help="results.json to write (results.md goes next to it)")
+    p.add_argument("--out", type=Path, help="results.json to write (results.md goes next to it)")
+    p.add_argument("--prepare-only", type=Path, default=None, metavar="DIR",
+                   help="only write the proxy data set (train + --split) to DIR for `diffcap sweep`, then stop")
     p.add_argument("--work", type=Path, default=None,
                    help="cache: converted data (captions.jsonl, features.safetensors) and run dirs "
                         "(default: a 'work' folder next to --out)")
@@ -525,6 +523,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--budget-min must be positive")
     if args.max_eval_images is not None and args.max_eval_images < 1:
         p.error("--max-eval-images must be positive")
+    if args.out is None:
+        if args.prepare_only is None:
+            p.error("--out is required (unless --prepare-only)")
+        args.out = args.prepare_only / "results.json"
     args.work = args.work or args.out.parent / "work"
     args.eval_data = args.eval_data or args.data
     return args
@@ -557,6 +559,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         write_contract(cache_folder(args.work, args.eval_data), [ev])
     rss["data"] = peak_rss_mib()
     say(f"train: {len(train.image_ids)} images; {args.split}: {len(ev.image_ids)} images scored")
+    if args.prepare_only:
+        prepare_sweep_data(args.prepare_only, train, ev, configs["diffusion"], tokenizer_dir)
+        return {}
 
     results: dict[str, Any] = {}
     if "human" in args.methods:

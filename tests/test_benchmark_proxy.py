@@ -54,9 +54,11 @@ TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "train.batch_
 
 
 def test_end_to_end_all_methods(tmp_path, monkeypatch):
+    import diffcap.budget
+
     bench = load_benchmark()
-    monkeypatch.setattr(bench, "CALIBRATION_STEPS", 8)  # a shorter throwaway run keeps the test fast
-    monkeypatch.setattr(bench, "CALIBRATION_SKIP", 3)
+    monkeypatch.setattr(diffcap.budget, "CALIBRATION_STEPS", 8)  # a shorter throwaway run keeps the test fast
+    monkeypatch.setattr(diffcap.budget, "CALIBRATION_SKIP", 3)
     data = make_flickr8k(tmp_path / "flickr8k")
     out = tmp_path / "out" / "results.json"
     results = bench.main(["--data", str(data), "--split", "dev", "--out", str(out), "--work", str(tmp_path / "work"),
@@ -92,6 +94,28 @@ def test_end_to_end_all_methods(tmp_path, monkeypatch):
     # the data contract the trainer read, and the cached features
     work = next((tmp_path / "work" / "data").iterdir())
     assert (work / "captions.jsonl").is_file() and (work / "features.safetensors").is_file()
+
+
+def test_prepare_only_writes_the_sweep_data_folder(tmp_path):
+    """--prepare-only: the proxy as a contract folder plus the settings the sweep starts from."""
+    import yaml
+
+    from diffcap.config import Config
+    from diffcap.data.contract import FeatureStore, read_captions
+
+    bench = load_benchmark()
+    data = make_flickr8k(tmp_path / "flickr8k")
+    folder = tmp_path / "proxy"
+    assert bench.main(["--data", str(data), "--split", "dev", "--prepare-only", str(folder),
+                       "--diffusion-set", "model.n_layers=3"]) == {}
+    records = read_captions(folder / "captions.jsonl")
+    assert {r.split for r in records} == {"train", "dev"} and len(records) == 16 * 4
+    assert len(FeatureStore.open(folder / "features.safetensors").ids) == 16
+    assert (folder / "minilm" / "vocab.txt").is_file() or (folder / "minilm" / "tokenizer.json").is_file()
+    settings = yaml.safe_load((folder / "proxy_diffusion.yaml").read_text())
+    assert settings["model"]["n_layers"] == 3 and "data" not in settings and "tokenizer" not in settings.get("text", {})
+    Config.load(folder / "proxy_diffusion.yaml")
+    assert not (folder / "runs").exists()
 
 
 def test_retrieval_on_the_training_images_is_the_human_caption(tmp_path):

@@ -28,6 +28,25 @@ def test_overfit_eight_captions_from_noise(feature_data, tmp_path):
     assert out.texts == CAPTIONS
 
 
+def test_score_interpolation_overfits_with_cross_entropy_only(feature_data, tmp_path):
+    """CDCD's score interpolation: logits -> x0_hat = softmax @ E, trained by the rounding loss alone."""
+    cfg = small_config(feature_data, steps=400)
+    cfg.diffusion.timesteps_per_caption = 4
+    cfg.model.score_interpolation = True
+    cfg.diffusion.diffusion_weight, cfg.diffusion.rounding_weight = 0.0, 1.0
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.train(resume=False)
+    model = trainer.ema.module
+    x_t, t = torch.randn(2, cfg.text.max_length, cfg.model.emb_dim), torch.tensor([5, 150])
+    cond = model.encode_condition(_features(feature_data, ["img0", "img1"]))
+    out, logits = model(x_t, t, cond, return_logits=True)
+    table = model.embedding.table()
+    assert logits.shape[-1] == table.shape[0]
+    assert torch.allclose(out, logits.softmax(-1) @ table, atol=1e-5)  # x0_hat is a mix of allowed rows
+    pipe = CaptionPipeline.from_pretrained(tmp_path / "run")
+    assert pipe(_features(feature_data, [f"img{i}" for i in range(8)]), seed=0).texts == CAPTIONS
+
+
 def test_saved_run_rebuilds_identical_samples(feature_data, tmp_path):
     cfg = small_config(feature_data, steps=30)
     trainer = Trainer(cfg, tmp_path / "run")

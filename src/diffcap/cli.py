@@ -71,8 +71,44 @@ def cmd_caption(args) -> None:
         print(f"{path}\t{text}")
 
 
+def cmd_prepare(args) -> None:
+    from .data.prepare import fetch_from_hub, prepare
+
+    root = args.root
+    if args.from_hub:
+        if args.layout != "folder":
+            raise ValueError("--from-hub writes the folder layout: use `diffcap prepare folder --from-hub NAME`")
+        root = fetch_from_hub(args.from_hub, root or Path(args.out) / "hub", progress=not args.no_progress)
+    elif root is None:
+        raise ValueError("--root is required (the folder that holds the data set)")
+    summary = prepare(args.layout, root, args.out, encoder=args.encoder, captions=args.captions,
+                      condition=args.condition, text_encoder=args.text_encoder,
+                      condition_caption=args.condition_caption, patch_tokens=args.patch_tokens,
+                      batch_size=args.batch_size, shard_size=args.shard_size, device=args.device, dtype=args.dtype,
+                      workers=args.workers, skip_bad=args.skip_bad, progress=not args.no_progress)
+    print(json.dumps(summary, indent=2))
+
+
+def cmd_train_guidance(args) -> None:
+    from .guidance import train_guidance
+
+    record = train_guidance(args.run, kind=args.kind, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                            out=args.name, seed=args.seed, d_model=args.d_model, n_layers=args.n_layers)
+    print(json.dumps(record, indent=2))
+    print(f"wrote {Path(args.run) / args.name}; sample with sampler.classifier_scale>0 "
+          f"(diffcap sample/eval --classifier-scale S --classifier-path {args.name})")
+
+
+def cmd_sweep(args) -> None:
+    from .sweep import run_sweep
+
+    rows = run_sweep(args.sweep, out=args.out, data=args.data, only=args.only)
+    print(f"{len(rows)} result rows")
+
+
 def _sampler_overrides(args) -> dict:
-    names = {"steps": "steps", "method": "method", "guidance": "guidance_scale", "mbr": "mbr", "beam": "beam_size"}
+    names = {"steps": "steps", "method": "method", "guidance": "guidance_scale", "mbr": "mbr", "beam": "beam_size",
+             "classifier_scale": "classifier_scale", "classifier_path": "classifier_path"}
     return {field: getattr(args, flag) for flag, field in names.items() if getattr(args, flag, None) is not None}
 
 
@@ -80,6 +116,8 @@ def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="sampling steps (default: the run's)")
     p.add_argument("--method", choices=["ddim", "ddpm", "refine"])
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    p.add_argument("--classifier-scale", type=float, help="classifier guidance scale (needs a guidance model)")
+    p.add_argument("--classifier-path", help="guidance model folder inside the run (default: guidance)")
     p.add_argument("--mbr", type=int, help="minimum Bayes risk over this many samples")
     p.add_argument("--beam", type=int, help="beam size of an autoregressive run (1 = greedy)")
     p.add_argument("--seed", type=int, default=None)
@@ -119,6 +157,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a tiny run that only checks the plumbing")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides of the demo config")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("prepare", help="a data set on disk -> captions.jsonl + features.safetensors (CLIP or text)")
+    p.add_argument("layout", choices=["flickr8k", "flickr30k", "coco", "folder"])
+    p.add_argument("--root", help="the data set folder (images, captions, split files)")
+    p.add_argument("--out", required=True, help="data directory to write")
+    p.add_argument("--encoder", default="openai/clip-vit-base-patch32", help="CLIP model id or local path")
+    p.add_argument("--captions", help="folder layout: the captions file (default ROOT/captions.jsonl|csv)")
+    p.add_argument("--patch-tokens", action="store_true", help="also write the patch grid to patch_features.safetensors")
+    p.add_argument("--condition", choices=["image", "text"], default="image",
+                   help="text: encode caption #k instead of the image (CapDec-style text-only training)")
+    p.add_argument("--text-encoder", help="CLIP (text tower) or sentence-transformers folder (default --encoder)")
+    p.add_argument("--condition-caption", type=int, default=0, help="k: caption #k is the condition, not a target")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--shard-size", type=int, default=2048, help="images per resumable shard")
+    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1 ...")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: bf16/fp16 on GPU")
+    p.add_argument("--workers", type=int, default=4, help="image decoding processes")
+    p.add_argument("--skip-bad", action="store_true", help="leave out unreadable images (counted) instead of failing")
+    p.add_argument("--from-hub", metavar="NAME", help="online: fetch a data set with `datasets` into ROOT first")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train-guidance", help="train a classifier-guidance model for a diffusion run")
+    p.add_argument("--run", required=True, help="trained diffusion run directory (its data files are reused)")
+    p.add_argument("--kind", choices=["linear", "transformer"], default="linear",
+                   help="linear per position, or a small transformer (the seed's two plans)")
+    p.add_argument("--name", default="guidance", help="folder inside the run to write (default guidance)")
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--d-model", type=int, default=128, help="transformer width")
+    p.add_argument("--n-layers", type=int, default=2, help="transformer layers")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train_guidance)
+
+    p = sub.add_parser("sweep", help="run a grid of configs on one data set and tabulate the results")
+    p.add_argument("sweep", help="SWEEP.yaml: base config, data set, variants, sampling steps (see docs/experiments.md)")
+    p.add_argument("--out", help="output folder (default: the sweep file's 'out', else runs/<sweep name>)")
+    p.add_argument("--data", help="data folder (default: the sweep file's 'data')")
+    p.add_argument("--only", nargs="*", help="run only these variant names")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("caption", help="caption image files with a trained run")
     p.add_argument("images", nargs="+")

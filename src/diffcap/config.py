@@ -25,6 +25,15 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     overfit_n: int = 0  # debug: train on the first N examples only (the seed's single-sample trials)
+    # The encoder that made the features (hub id or path) and its kind (clip-image, clip-text,
+    # sentence-transformers); filled in from the feature file's metadata, so `diffcap caption` can
+    # encode new images the same way.
+    encoder: str = ""
+    encoder_kind: str = ""
+    # Gaussian noise added to the condition at training time only: CapDec (arXiv 2211.00575) trains on
+    # text embeddings and uses std sqrt(0.016) ~ 0.126 so that image embeddings land inside the
+    # training distribution at test time.
+    feature_noise_std: float = 0.0
 
 
 @dataclass
@@ -53,6 +62,10 @@ class ModelConfig:
     emb_scale: float = 1.0
     time_embedding: bool = True  # sinusoidal timestep embedding; the seed had none
     self_condition: bool = True  # Bit Diffusion, arXiv 2208.04202
+    # CDCD's score interpolation (arXiv 2211.15089): the network outputs logits over the vocabulary and
+    # x0_hat = softmax(logits) @ E, so the rounding cross-entropy trains it as a classifier at every noise
+    # level instead of through a D-wide regression bottleneck. Needs diffusion.objective = x0.
+    score_interpolation: bool = False
     fusion: str = "concat"  # "add" (like a time embedding) or "concat" (extra tokens + segment embedding)
     image_encoder: str | None = None  # "cnn": raw pixels go through a small CNN trained jointly (demo)
     cond_dim: int = 0  # condition width C; filled in from the feature file
@@ -67,6 +80,7 @@ class DiffusionConfig:
     step_gap: int = 30  # k of the xtk objective
     loss: str = "l1"  # l1 or mse on the objective
     rounding_weight: float = 0.3  # cross-entropy of the tied rounding head; the seed's best
+    diffusion_weight: float = 1.0  # the L1/MSE term; 0 with score interpolation is CDCD's pure CE loss
     restore_weight: float = 0.0  # Diffusion-LM's x_1 -> embedding restore term
     prior_weight: float = 1.0  # Diffusion-LM's prior term ||sqrt(abar_T) x0||^2
     timesteps_per_caption: int = 1  # the seed's SAMPLE_SIZE
@@ -80,6 +94,10 @@ class SamplerConfig:
     steps: int = 20
     clamp: bool = True  # snap x0 to the nearest embedding (Diffusion-LM's clamping trick)
     guidance_scale: float = 1.0
+    # Classifier guidance (Dhariwal & Nichol, arXiv 2105.05233): scale of grad log p(c|x_t) from the
+    # guidance model in RUN/<classifier_path>/ (trained by `diffcap train-guidance`); 0 = off.
+    classifier_scale: float = 0.0
+    classifier_path: str = "guidance"
     mbr: int = 1  # minimum Bayes risk selection among this many samples
     seed: int = 0
     beam_size: int = 1  # autoregressive model: 1 = greedy
@@ -197,6 +215,7 @@ def _coerce(value: Any, current: Any, key: str, source: str) -> Any:
 
 
 _CHOICES = {
+    ("data", "encoder_kind"): ("", "clip-image", "clip-text", "sentence-transformers"),
     ("model", "kind"): ("diffusion", "autoregressive"),
     ("model", "fusion"): ("add", "concat"),
     ("model", "image_encoder"): (None, "cnn"),
@@ -217,9 +236,15 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"'{section}.{key}' is {value!r}; choose one of {list(allowed)}")
     if cfg.model.d_model % cfg.model.n_heads:
         raise ConfigError(f"model.d_model={cfg.model.d_model} is not divisible by model.n_heads={cfg.model.n_heads}")
+    if cfg.model.score_interpolation and cfg.diffusion.objective != "x0":
+        raise ConfigError("model.score_interpolation predicts x0 from logits: it needs diffusion.objective=x0")
     if cfg.diffusion.timesteps_per_caption < 1:
         raise ConfigError("diffusion.timesteps_per_caption must be >= 1")
     if cfg.sampler.steps < 1 or cfg.sampler.steps > cfg.diffusion.num_timesteps:
         raise ConfigError(f"sampler.steps must be in 1..{cfg.diffusion.num_timesteps}")
+    if cfg.data.feature_noise_std < 0:
+        raise ConfigError(f"data.feature_noise_std must be >= 0, got {cfg.data.feature_noise_std}")
+    if cfg.sampler.classifier_scale < 0:
+        raise ConfigError("sampler.classifier_scale must be >= 0 (0 = no classifier guidance)")
     if not 0.0 <= cfg.diffusion.cond_dropout < 1.0:
         raise ConfigError("diffusion.cond_dropout must be in [0, 1)")

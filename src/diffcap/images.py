@@ -40,12 +40,31 @@ def load_image(path: str | Path, size: int | None = None) -> Image.Image:
 
 
 def caption_images(paths: list[str], run_dir: str | Path, *, device: str = "cpu",
-                   seed: int | None = None) -> list[tuple[str, str]]:
+                   seed: int | None = None, batch_size: int = 64) -> list[tuple[str, str]]:
+    """Caption image files: the run's image encoder (the demo's CNN, or the frozen CLIP the run's
+    features came from), then its sampler. Every unreadable file is an error that names it."""
     pipe = CaptionPipeline.from_pretrained(run_dir, device=device)
-    if not pipe.cfg.model.image_encoder:
-        raise ValueError(f"{run_dir}: this run conditions on precomputed features, not on images; "
+    if pipe.cfg.model.image_encoder:
+        size = pipe.feature_shape[-1]
+        pixels = [torch.from_numpy(np.array(load_image(p, size))).permute(2, 0, 1) for p in paths]
+        texts = pipe(torch.stack(pixels), seed=seed).texts
+        return list(zip(paths, texts))
+    data = pipe.cfg.data
+    if data.encoder_kind not in ("clip-image", "clip-text") or not data.encoder:
+        kind = f"{data.encoder_kind} features from {data.encoder}" if data.encoder else "features of unknown origin"
+        raise ValueError(f"{run_dir}: this run was trained on {kind}, so it cannot encode images; "
                          "extract features for the images and use `diffcap sample`")
-    size = pipe.feature_shape[-1]
-    pixels = [torch.from_numpy(np.array(load_image(p, size))).permute(2, 0, 1) for p in paths]
-    texts = pipe(torch.stack(pixels), seed=seed).texts
+    from .data.features import ClipImageEncoder
+
+    # A clip-text run (CapDec) captions images with the image tower of the same CLIP: the two towers
+    # share one embedding space.
+    patches = pipe.cfg.model.cond_tokens > 1
+    if patches and data.encoder_kind == "clip-text":
+        raise ValueError(f"{run_dir}: a text-conditioned run has pooled features only")
+    encoder = ClipImageEncoder(data.encoder, device=device, patch_tokens=patches)
+    texts: list[str] = []
+    for start in range(0, len(paths), batch_size):
+        images = [load_image(p) for p in paths[start:start + batch_size]]
+        features = encoder.encode_images(images)["patches" if patches else "pooled"]
+        texts += pipe(features, seed=seed).texts
     return list(zip(paths, texts))

@@ -28,11 +28,26 @@ class CaptionPipeline:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.diffusion = GaussianDiffusion(cfg.diffusion).to(self.device)
+        self.run_dir: Path | None = None  # where classifier-guidance models are looked up
+        self.classifiers: dict[str, torch.nn.Module] = {}  # sampler.classifier_path -> loaded model
+
+    def classifier(self, path: str) -> torch.nn.Module:
+        """The guidance classifier RUN/<path>/ (loaded once), for sampler.classifier_scale > 0."""
+        if path not in self.classifiers:
+            from .guidance import load_guidance
+
+            if self.run_dir is None:
+                raise ValueError("classifier guidance needs a pipeline loaded from a run directory "
+                                 "(or a model in pipeline.classifiers)")
+            self.classifiers[path] = load_guidance(self.run_dir / path, self.device)
+        return self.classifiers[path]
 
     @classmethod
     def from_pretrained(cls, run_dir: str | Path, *, ema: bool = True, device: str = "cpu") -> "CaptionPipeline":
         cfg, model, tokenizer = load_run(run_dir, ema=ema)
-        return cls(cfg, model, tokenizer, device)
+        pipe = cls(cfg, model, tokenizer, device)
+        pipe.run_dir = Path(run_dir)
+        return pipe
 
     @property
     def feature_shape(self) -> tuple[int, ...]:
@@ -50,12 +65,14 @@ class CaptionPipeline:
     def __call__(self, features: torch.Tensor, *, seed: int | None = None, batch_size: int = 64,
                  trajectory: bool = False, **sampler_overrides) -> Captions:
         """Caption a batch of features [N x ...]. ``sampler_overrides`` (steps=, method=, guidance_scale=,
-        clamp=, mbr=) change the run's sampler settings for this call only."""
+        classifier_scale=, clamp=, mbr=) change the run's sampler settings for this call only."""
         self.check_features(features)
         if self.cfg.model.kind == "autoregressive":
             return self._generate_autoregressive(features, batch_size, **sampler_overrides)
         sampler_cfg: SamplerConfig = dataclasses.replace(self.cfg.sampler, **sampler_overrides)
-        sampler = Sampler(self.model, self.diffusion, sampler_cfg, self.cfg.text.max_length, self.tokenizer.pad_id)
+        classifier = self.classifier(sampler_cfg.classifier_path) if sampler_cfg.classifier_scale > 0 else None
+        sampler = Sampler(self.model, self.diffusion, sampler_cfg, self.cfg.text.max_length, self.tokenizer.pad_id,
+                          classifier=classifier)
         generator = torch.Generator(self.device).manual_seed(sampler_cfg.seed if seed is None else seed)
         texts: list[str] = []
         trajs: list[list[tuple[int, str]]] = []

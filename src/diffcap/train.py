@@ -70,6 +70,7 @@ def load_training_data(cfg: Config) -> TrainingData:
         train = train.subset(cfg.data.overfit_n)
         val = train
     set_condition_shape(cfg, store)
+    set_encoder(cfg, store)
     return TrainingData(tokenizer, train, val, store.metadata)
 
 
@@ -89,6 +90,21 @@ def set_condition_shape(cfg: Config, store: FeatureStore) -> None:
         cfg.model.cond_tokens, cfg.model.cond_dim = shape
     else:
         raise ConfigError(f"{store.path}: feature items must be vectors (D,) or token grids (N, D), got {shape}")
+
+
+def set_encoder(cfg: Config, store: FeatureStore) -> None:
+    """Record in the run config which encoder made the features (unless the config names one)."""
+    if not cfg.data.encoder:
+        cfg.data.encoder = store.metadata.get("encoder", "")
+        kind = store.metadata.get("kind", "")
+        cfg.data.encoder_kind = kind if kind in ("clip-image", "clip-text", "sentence-transformers") else ""
+
+
+def add_feature_noise(feats: torch.Tensor, std: float) -> torch.Tensor:
+    """CapDec's noise injection (arXiv 2211.00575): training conditions only, never at sampling."""
+    if std <= 0 or not feats.is_floating_point():
+        return feats
+    return feats + std * torch.randn_like(feats)
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -378,6 +394,7 @@ class Trainer:
         model = self.model.train()
         while self.step < cfg.steps:
             ids, feats, index = next(batches)
+            feats = add_feature_noise(feats, self.cfg.data.feature_noise_std)
             with self.accelerator.accumulate(model), self.accelerator.autocast():
                 terms = self._losses(model, ids, feats, micro)
                 micro += 1

@@ -91,14 +91,15 @@ class GaussianDiffusion(nn.Module):
             use = (rand() < 0.5)[:, None, None]
             self_cond = torch.where(use, first, torch.zeros_like(first)).detach()
 
-        out = model(x_t, t, cond, self_cond, drop)
+        out, logits = model(x_t, t, cond, self_cond, drop, return_logits=True)
         per_sample = self._distance(out, self.objective.target(x0, eps, t))
-        x0_hat = self.predict_x0(out, x_t, t)
-        logits = core.embedding.logits(x0_hat)  # (B, L, V)
+        if logits is None:  # the tied rounding head on the x0 estimate
+            logits = core.embedding.logits(self.predict_x0(out, x_t, t))  # (B, L, V)
         rounding = nn.functional.cross_entropy(logits.transpose(1, 2).float(), ids, reduction="none").mean(dim=1)
         # Diffusion-LM's prior term: E||sqrt(abar_T) x0||^2 keeps learned embedding norms from growing
         # until x_T is no longer pure noise (zero gradient for frozen or normalised tables).
         prior = (self.alpha_bar[-1] * x0.pow(2)).mean(dim=(1, 2))
+        per_sample = cfg.diffusion_weight * per_sample
         if learn_timesteps:  # with the whole global batch, so that every process keeps the same history
             gather = noise.gather if noise is not None else (lambda x: x)
             self.timesteps.update(gather(t), gather((per_sample + cfg.rounding_weight * rounding).detach()))

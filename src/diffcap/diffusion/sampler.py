@@ -3,7 +3,8 @@
 The loop follows diffusers' set_timesteps / step contract and uses its DDIM and DDPM schedulers on our
 own betas. We always hand the scheduler an x0 estimate (``prediction_type="sample"``), because the
 steps between the network and the scheduler work on x0: objective conversion, classifier-free
-guidance, and Diffusion-LM's clamping trick (each a small function below). All randomness goes through
+guidance, classifier guidance (:mod:`diffcap.guidance`) and Diffusion-LM's clamping trick (each a
+small function). All randomness goes through
 one ``torch.Generator``.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from ..config import SamplerConfig
+from ..guidance import classifier_shift
 from .diffusion import GaussianDiffusion
 
 
@@ -51,10 +53,22 @@ class SampleOutput:
 class Sampler:
     """Turns condition features into token ids with a trained captioner."""
 
-    def __init__(self, model, diffusion: GaussianDiffusion, cfg: SamplerConfig, seq_len: int, pad_id: int = 0):
+    def __init__(self, model, diffusion: GaussianDiffusion, cfg: SamplerConfig, seq_len: int, pad_id: int = 0,
+                 classifier=None):
         self.model, self.diffusion, self.cfg, self.seq_len, self.pad_id = model, diffusion, cfg, seq_len, pad_id
+        if cfg.classifier_scale > 0 and classifier is None:
+            raise ValueError("sampler.classifier_scale > 0 needs a guidance classifier")
+        self.classifier = classifier
 
     def _x0(self, x_t, t, cond, self_cond):
+        x0 = self._x0_model(x_t, t, cond, self_cond)
+        if self.cfg.classifier_scale > 0:
+            tt = torch.full((x_t.shape[0],), int(t), device=x_t.device, dtype=torch.long)
+            x0 = x0 + self.cfg.classifier_scale * classifier_shift(self.classifier, self.diffusion.alpha_bar,
+                                                                   x_t, tt, cond)
+        return x0
+
+    def _x0_model(self, x_t, t, cond, self_cond):
         """One network evaluation (two with guidance) -> x0 estimate [B x L x D]."""
         batch = x_t.shape[0]
         tt = torch.full((batch,), int(t), device=x_t.device, dtype=torch.long)

@@ -44,6 +44,7 @@ class DiffusionCaptioner(nn.Module):
             d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads, dropout=cfg.dropout,
             fusion=cfg.fusion, self_condition=cfg.self_condition, time_embedding=cfg.time_embedding,
             backbone=cfg.backbone if pretrained else None, body_config=backbone_config,
+            out_dim=vocab_size if cfg.score_interpolation else None,
         )
         cfg.d_model = self.denoiser.d_model
 
@@ -58,5 +59,14 @@ class DiffusionCaptioner(nn.Module):
         features = features.float()
         return features[:, None] if features.dim() == 2 else features
 
-    def forward(self, x_t, t, cond, self_cond=None, drop_cond=None):
-        return self.denoiser(x_t, t, cond, self_cond=self_cond, drop_cond=drop_cond)
+    def forward(self, x_t, t, cond, self_cond=None, drop_cond=None, return_logits: bool = False):
+        """The objective's prediction [B x L x D]; with ``return_logits`` also the rounding logits
+        [B x L x V] (None unless the model does score interpolation)."""
+        out = self.denoiser(x_t, t, cond, self_cond=self_cond, drop_cond=drop_cond)
+        logits = None
+        if self.cfg.score_interpolation:
+            # CDCD: x0_hat is the expected embedding under the predicted token distribution, over the
+            # tokens rounding may produce.
+            logits = out.float().masked_fill(~self.embedding.allowed, float("-inf"))
+            out = logits.softmax(dim=-1) @ self.embedding.table()
+        return (out, logits) if return_logits else out

@@ -66,7 +66,7 @@ class TransformerDenoiser(nn.Module):
     def __init__(self, *, emb_dim: int, cond_dim: int, seq_len: int, max_cond_tokens: int,
                  d_model: int = 256, n_layers: int = 4, n_heads: int = 4, dropout: float = 0.1,
                  fusion: str = "concat", self_condition: bool = True, time_embedding: bool = True,
-                 backbone: str | None = None, body_config: dict | None = None):
+                 backbone: str | None = None, body_config: dict | None = None, out_dim: int | None = None):
         super().__init__()
         self.body = build_body(d_model=d_model, n_layers=n_layers, n_heads=n_heads, dropout=dropout,
                                max_positions=seq_len + max_cond_tokens, backbone=backbone, body_config=body_config)
@@ -75,7 +75,8 @@ class TransformerDenoiser(nn.Module):
         self.fusion = fusion
         self.self_condition = self_condition
         self.in_proj = nn.Linear(emb_dim * (2 if self_condition else 1), d_model)
-        self.out_proj = nn.Linear(d_model, emb_dim)
+        # out_dim: the vocabulary size when the model outputs logits (score interpolation), else D.
+        self.out_proj = nn.Linear(d_model, out_dim or emb_dim)
         self.cond_proj = nn.Sequential(nn.Linear(cond_dim, d_model), nn.LayerNorm(d_model))
         # Learned "no condition" token for classifier-free guidance (Ho & Salimans, arXiv 2207.12598).
         self.null_cond = nn.Parameter(torch.zeros(d_model))
@@ -95,7 +96,7 @@ class TransformerDenoiser(nn.Module):
             self_cond: [B x L x D] previous x0 estimate (zeros when there is none).
             drop_cond: [B] bool, True replaces the condition by the learned null condition.
         Returns:
-            [B x L x D] the objective's prediction.
+            [B x L x D] the objective's prediction ([B x L x out_dim] logits with score interpolation).
         """
         seq_len = x_t.shape[1]
         if self.self_condition:
