@@ -28,7 +28,7 @@ class ConvImageEncoder(nn.Module):
         super().__init__()
         self.net = nn.Sequential(
             # stride 2 from the first layer: full-resolution convolutions cost most of a CPU step
-            _block(3, 32, 2), _block(32, 64, 2), _block(64, width, 2), _block(width, width, 2),
+            _block(4, 32, 2), _block(32, 64, 2), _block(64, width, 2), _block(width, width, 2),
             nn.Conv2d(width, width, 1),
         )
         grid = image_size // 16
@@ -37,5 +37,10 @@ class ConvImageEncoder(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels.float() / 127.5 - 1.0  # uint8 -> [-1, 1]
+        # HSV's value channel, max(R, G, B), as a fourth input: it shows an object's silhouette the same
+        # way whatever its colour, so shape filters need not be learned once per colour. Without it the
+        # encoder named held-out colour-shape pairs by a seen partner's shape ("green circle" for a green
+        # square; BENCHMARKS.md, demo ablations).
+        x = torch.cat([x, x.amax(dim=1, keepdim=True)], dim=1)  # (B, 4, H, W)
         x = self.net(x)  # (B, C, 4, 4)
         return x.flatten(2).transpose(1, 2) + self.pos  # (B, 16, C)
