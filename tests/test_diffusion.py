@@ -118,3 +118,4 @@ def test_rounding_is_restricted_to_allowed_tokens():
     emb.restrict_to(torch.tensor([[2, 3], [3, 5]]), always=(0,))
     picked = emb.nearest(x)[0].tolist()
     assert set(picked) <= {0, 2, 3, 5} and [picked[i] for i in (0, 2, 3, 5)] == [0, 2, 3, 5]
+    assert torch.equal(emb.clamp(x), emb.table()[emb.nearest(x)])
