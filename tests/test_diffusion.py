@@ -119,3 +119,22 @@ def test_rounding_is_restricted_to_allowed_tokens():
     picked = emb.nearest(x)[0].tolist()
     assert set(picked) <= {0, 2, 3, 5} and [picked[i] for i in (0, 2, 3, 5)] == [0, 2, 3, 5]
     assert torch.equal(emb.clamp(x), emb.table()[emb.nearest(x)])
+
+
+def test_score_interpolation_logits_cover_only_allowed_tokens():
+    from diffcap.models.captioner import DiffusionCaptioner
+
+    cfg = ModelConfig(d_model=32, n_layers=1, n_heads=2, emb_dim=8, score_interpolation=True, cond_dim=4,
+                      cond_tokens=1, self_condition=False)
+    model = DiffusionCaptioner(cfg, vocab_size=12, seq_len=5).eval()
+    model.embedding.restrict_to(torch.tensor([2, 3, 4]), always=(0,))
+    diffusion = GaussianDiffusion(DiffusionConfig(num_timesteps=50))
+    x_t, t, cond = torch.randn(2, 5, 8), torch.tensor([3, 40]), torch.randn(2, 1, 4)
+    out, logits = model(x_t, t, cond, return_logits=True)
+    assert logits.shape == (2, 5, 4)  # tokens 0, 2, 3, 4 only
+    assert torch.allclose(out, logits.softmax(-1) @ model.embedding.table()[[0, 2, 3, 4]], atol=1e-5)
+    assert model.embedding.allowed_position(torch.tensor([0, 1, 4, 7])).tolist() == [0, -100, 3, -100]
+    assert torch.allclose(model(x_t, t, cond), out)
+    # a caption with a token outside the allowed set (validation data) still has a finite loss
+    losses = diffusion.training_losses(model, torch.tensor([[2, 3, 7, 0, 0], [4, 4, 2, 0, 0]]), torch.randn(2, 4))
+    assert torch.isfinite(losses["loss"])

@@ -94,8 +94,11 @@ class GaussianDiffusion(nn.Module):
         out, logits = model(x_t, t, cond, self_cond, drop, return_logits=True)
         per_sample = self._distance(out, self.objective.target(x0, eps, t))
         if logits is None:  # the tied rounding head on the x0 estimate
-            logits = core.embedding.logits(self.predict_x0(out, x_t, t))  # (B, L, V)
-        rounding = nn.functional.cross_entropy(logits.transpose(1, 2).float(), ids, reduction="none").mean(dim=1)
+            logits = core.embedding.logits(self.predict_x0(out, x_t, t))  # (B, L, A)
+        # Logits cover the tokens rounding may produce; a validation caption may hold another one,
+        # which is left out of the cross-entropy rather than scored infinite.
+        targets = core.embedding.allowed_position(ids)
+        rounding = nn.functional.cross_entropy(logits.transpose(1, 2).float(), targets, reduction="none").mean(dim=1)
         # Diffusion-LM's prior term: E||sqrt(abar_T) x0||^2 keeps learned embedding norms from growing
         # until x_T is no longer pure noise (zero gradient for frozen or normalised tables).
         prior = (self.alpha_bar[-1] * x0.pow(2)).mean(dim=(1, 2))

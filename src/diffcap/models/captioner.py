@@ -60,13 +60,18 @@ class DiffusionCaptioner(nn.Module):
         return features[:, None] if features.dim() == 2 else features
 
     def forward(self, x_t, t, cond, self_cond=None, drop_cond=None, return_logits: bool = False):
-        """The objective's prediction [B x L x D]; with ``return_logits`` also the rounding logits
-        [B x L x V] (None unless the model does score interpolation)."""
-        out = self.denoiser(x_t, t, cond, self_cond=self_cond, drop_cond=drop_cond)
-        logits = None
-        if self.cfg.score_interpolation:
-            # CDCD: x0_hat is the expected embedding under the predicted token distribution, over the
-            # tokens rounding may produce.
-            logits = out.float().masked_fill(~self.embedding.allowed, float("-inf"))
-            out = logits.softmax(dim=-1) @ self.embedding.table()
+        """The objective's prediction [B x L x D]; with ``return_logits`` also the rounding logits over
+        the allowed tokens [B x L x A] (None unless the model does score interpolation; see
+        :meth:`TokenEmbedding.logits` for the order of the A columns)."""
+        if not self.cfg.score_interpolation:
+            out = self.denoiser(x_t, t, cond, self_cond=self_cond, drop_cond=drop_cond)
+            return (out, None) if return_logits else out
+        # CDCD: x0_hat is the expected embedding under the predicted token distribution. Only the
+        # tokens rounding may produce get a logit: with WordPiece that is a few thousand of 30,522
+        # rows, and the head is the largest matmul of the step.
+        h = self.denoiser(x_t, t, cond, self_cond=self_cond, drop_cond=drop_cond, project=False)
+        ids, rows = self.embedding.allowed_rows()
+        head = self.denoiser.out_proj
+        logits = nn.functional.linear(h, head.weight[ids], head.bias[ids]).float()  # (B, L, A)
+        out = logits.softmax(dim=-1) @ rows
         return (out, logits) if return_logits else out

@@ -87,7 +87,8 @@ class TransformerDenoiser(nn.Module):
         self.segment = nn.Embedding(2, d_model) if fusion == "concat" else None
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
-                self_cond: torch.Tensor | None = None, drop_cond: torch.Tensor | None = None) -> torch.Tensor:
+                self_cond: torch.Tensor | None = None, drop_cond: torch.Tensor | None = None,
+                project: bool = True) -> torch.Tensor:
         """
         Args:
             x_t: [B x L x D] noisy embeddings.
@@ -95,6 +96,7 @@ class TransformerDenoiser(nn.Module):
             cond: [B x N x C] condition tokens.
             self_cond: [B x L x D] previous x0 estimate (zeros when there is none).
             drop_cond: [B] bool, True replaces the condition by the learned null condition.
+            project: False returns the body's hidden states [B x L x d_model] before ``out_proj``.
         Returns:
             [B x L x D] the objective's prediction ([B x L x out_dim] logits with score interpolation).
         """
@@ -112,4 +114,5 @@ class TransformerDenoiser(nn.Module):
         else:
             h = torch.cat([h + self.segment.weight[0], c + self.segment.weight[1]], dim=1)
         h = self.body(inputs_embeds=h).last_hidden_state
-        return self.out_proj(h[:, :seq_len])
+        h = h[:, :seq_len]
+        return self.out_proj(h) if project else h
