@@ -139,3 +139,31 @@ def test_pretrained_backbone_and_frozen_embeddings_rebuild_offline(feature_data,
     loaded = CaptionPipeline.from_pretrained(tmp_path / "run")
     feats = _features(feature_data, ["val0", "val1"])
     assert loaded(feats, seed=1).texts == live(feats, seed=1).texts
+
+
+def test_starting_over_sets_the_earlier_checkpoints_aside(feature_data, tmp_path):
+    cfg = small_config(feature_data, steps=4)
+    cfg.train.save_every = 2
+    Trainer(cfg, tmp_path / "run").train(resume=False)
+    Trainer(cfg, tmp_path / "run").train(resume=False)
+    aside = list(tmp_path.glob("run/checkpoints.replaced-*"))
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["step-000002", "step-000004"]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+
+
+def test_loading_weights_of_another_shape_names_the_file(feature_data, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from diffcap.checkpoint import load_run
+    from diffcap.config import ConfigError
+
+    cfg = small_config(feature_data, steps=2)
+    Trainer(cfg, tmp_path / "run").train(resume=False)
+    path = tmp_path / "run" / "ema.safetensors"
+    weights = load_file(str(path))
+    name = next(k for k in weights if k.endswith("in_proj.weight"))
+    weights[name] = torch.zeros(3, 3)
+    path.unlink()
+    save_file(weights, str(path))
+    with pytest.raises(ConfigError, match="ema.safetensors.*in_proj.weight"):
+        load_run(tmp_path / "run")

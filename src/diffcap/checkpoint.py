@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .config import Config
+from .config import Config, ConfigError
 from .io import save_tensors, write_json
 from .models.factory import build_model
 from .text.tokenizer import CaptionTokenizer
@@ -55,6 +55,18 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
         raise RunDirError(f"{path}: not a readable safetensors file ({exc})") from exc
 
 
+def check_shapes(path: Path, saved: dict[str, torch.Tensor], current: dict[str, torch.Tensor]) -> None:
+    """Saved weights must fit the model the config builds: say which file and tensors do not,
+    instead of torch's size-mismatch error."""
+    wrong = [f"{k} {tuple(saved[k].shape)} vs {tuple(v.shape)}" for k, v in current.items()
+             if k in saved and saved[k].shape != v.shape]
+    missing = sorted(set(current) ^ set(saved))
+    if wrong or missing:
+        raise ConfigError(f"{path}: does not fit the model built from the current config and data "
+                          f"(saved vs now: {'; '.join(wrong[:3])}{'; keys differ: ' + str(missing[:5]) if missing else ''}); "
+                          "was it written by another version of diffcap, or the vocabulary built from other captions?")
+
+
 def load_run(run_dir: str | Path, *, ema: bool = True) -> tuple[Config, torch.nn.Module, CaptionTokenizer]:
     """Rebuild config, model (EMA weights if present and ``ema``) and tokenizer from a run directory."""
     run_dir = Path(run_dir)
@@ -65,6 +77,8 @@ def load_run(run_dir: str | Path, *, ema: bool = True) -> tuple[Config, torch.nn
     tokenizer = CaptionTokenizer.load(_require(run_dir / "tokenizer"))
     model = build_model(cfg, tokenizer, pretrained=False, body_config=body_config)
     weights = run_dir / ("ema.safetensors" if ema and (run_dir / "ema.safetensors").exists() else "model.safetensors")
-    model.load_state_dict(load_weights(weights))
+    state = load_weights(weights)
+    check_shapes(weights, state, model.state_dict())
+    model.load_state_dict(state)
     model.eval()
     return cfg, model, tokenizer

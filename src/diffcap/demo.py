@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,8 @@ def run_demo(out_dir: str | Path = "demo_out", size: DemoSize = DemoSize(), seed
     for item in overrides:
         apply_override(cfg, item)
     validate(cfg)
+    # The demo owns its output folder: a rerun replaces the earlier run instead of keeping its checkpoints.
+    shutil.rmtree(out / "run", ignore_errors=True)
     train_stats = Trainer(cfg, out / "run").train(resume=False)
 
     pipe = CaptionPipeline.from_pretrained(out / "run")

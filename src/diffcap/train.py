@@ -21,8 +21,8 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .checkpoint import RunDirError, load_weights, save_model_files
-from .checkpoints import list_checkpoints, prune, publish, remove_partial_checkpoints, write_checkpoint
+from .checkpoint import RunDirError, check_shapes, load_weights, save_model_files
+from .checkpoints import CHECKPOINTS, list_checkpoints, prune, publish, remove_partial_checkpoints, write_checkpoint
 from .config import Config, ConfigError, TrainConfig
 from .data.contract import DataError, FeatureStore, check_ids, describe_ids, read_captions
 from .data.datasets import CaptionPairs, SplitData, load_split
@@ -143,16 +143,6 @@ def ema_avg_fn(decay: float):
 _UNREADABLE = (RunDirError, SafetensorError, OSError, KeyError, json.JSONDecodeError)
 
 
-def _check_shapes(path: Path, saved: dict[str, torch.Tensor], current: dict[str, torch.Tensor]) -> None:
-    wrong = [f"{k} {tuple(saved[k].shape)} vs {tuple(v.shape)}" for k, v in current.items()
-             if k in saved and saved[k].shape != v.shape]
-    missing = sorted(set(current) ^ set(saved))
-    if wrong or missing:
-        raise ConfigError(f"{path}: does not fit the model built from the current config and data "
-                          f"(saved vs now: {'; '.join(wrong[:3])}{'; keys differ: ' + str(missing[:5]) if missing else ''}); "
-                          "was the vocabulary built from other captions? use a new --out")
-
-
 class Trainer:
     def __init__(self, cfg: Config, out_dir: str | Path, data: TrainingData | None = None):
         self.cfg = cfg
@@ -252,6 +242,17 @@ class Trainer:
         raise RunDirError(f"{self.out_dir}: no readable checkpoint ({'; '.join(problems)}); "
                           "pass --no-resume to start over")
 
+    def _set_aside_old_checkpoints(self) -> None:
+        """Starting over in a run directory that holds another run's checkpoints: move them aside
+        rather than delete them, and so that pruning and a later resume see only this run's."""
+        old = self.out_dir / CHECKPOINTS
+        if not self.accelerator.is_main_process or not old.is_dir() or not any(old.iterdir()):
+            return
+        aside = self.out_dir / f"{CHECKPOINTS}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+        old.rename(aside)
+        (self.out_dir / "checkpoint.json").unlink(missing_ok=True)
+        log.warning("%s: starting over; the earlier run's checkpoints were moved to %s", self.out_dir, aside)
+
     def _check_fits(self, folder: Path) -> None:
         """The run's features must have the shape the checkpoint was trained on: say so before
         anything trains, naming both files, instead of a size-mismatch error from torch."""
@@ -273,7 +274,7 @@ class Trainer:
         model = self.accelerator.unwrap_model(self.model)
         weights = load_weights(folder / "model.safetensors")
         ema_weights = load_weights(folder / "ema.safetensors")
-        _check_shapes(folder / "model.safetensors", weights, model.state_dict())
+        check_shapes(folder / "model.safetensors", weights, model.state_dict())
         n_averaged = load_weights(state_dir / "ema.safetensors")["n_averaged"]
         timesteps = state_dir / "timesteps.safetensors"
         timestep_state = load_weights(timesteps) if timesteps.exists() else None
@@ -384,6 +385,8 @@ class Trainer:
         cfg = self.cfg.train
         if resume:
             self.resume()
+        else:
+            self._set_aside_old_checkpoints()
         batches = self._batches()
         micro = self.step * cfg.grad_accum
         for _ in range(micro):  # skip what was already consumed
@@ -418,11 +421,11 @@ class Trainer:
                 bar.set_postfix(loss=f"{last['loss']:.3f}")
                 self._log({"step": self.step, "lr": self.scheduler.get_last_lr()[0],
                            "elapsed_s": time.time() - start, **{f"train/{k}": v for k, v in last.items()}})
+            if self.step % cfg.save_every == 0 or done:  # before validation, so an error there costs no work
+                self.save()
             if cfg.eval_every and (self.step % cfg.eval_every == 0 or done) and self.accelerator.is_main_process:
                 self._log({"step": self.step, **self.validate()})
                 model.train()
-            if self.step % cfg.save_every == 0 or done:
-                self.save()
             if done:
                 break
         bar.close()

@@ -60,10 +60,11 @@ class TokenEmbedding(nn.Module):
 
     def table(self) -> torch.Tensor:
         """The effective (V, D) table: what x0 is made of and what the rounding head is tied to."""
-        w = self.weight
+        return self._normalized(self.weight)
+
+    def _normalized(self, w: torch.Tensor) -> torch.Tensor:
         if self.normalize:
-            rms = w.pow(2).mean(dim=-1, keepdim=True).add(1e-8).sqrt()
-            w = w / rms * self.scale
+            w = w / w.pow(2).mean(dim=-1, keepdim=True).add(1e-8).sqrt() * self.scale
         return w
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, L) -> (B, L, D)
@@ -86,19 +87,20 @@ class TokenEmbedding(nn.Module):
         """(ids, rows) of the tokens rounding may produce. Searching these only, rather than masking a
         score over the whole table, matters with WordPiece: a few thousand caption tokens of 30,522."""
         ids = self.allowed.nonzero().squeeze(1)
-        rows = self.weight[ids]
-        if self.normalize:
-            rows = rows / rows.pow(2).mean(dim=-1, keepdim=True).add(1e-8).sqrt() * self.scale
-        return ids, rows
+        return ids, self._normalized(self.weight[ids])
+
+    def _nearest(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids, rows, best): the allowed rows and, per vector, the index of the nearest one in L2
+        distance: argmin ||x - e||^2 = argmax (2 x.e - ||e||^2)."""
+        ids, rows = self.allowed_rows()
+        return ids, rows, (2 * x @ rows.t() - rows.pow(2).sum(-1)).argmax(dim=-1)
 
     def nearest(self, x: torch.Tensor) -> torch.Tensor:
-        """Ids of the nearest allowed rows in L2 distance: argmin ||x - e||^2 = argmax (2 x.e - ||e||^2)."""
-        ids, rows = self.allowed_rows()
-        score = 2 * x @ rows.t() - rows.pow(2).sum(-1)
-        return ids[score.argmax(dim=-1)]
+        """Ids of the nearest allowed rows."""
+        ids, _, best = self._nearest(x)
+        return ids[best]
 
     def clamp(self, x: torch.Tensor) -> torch.Tensor:
         """Diffusion-LM's clamping trick: replace each vector by its nearest embedding."""
-        ids, rows = self.allowed_rows()
-        score = 2 * x @ rows.t() - rows.pow(2).sum(-1)
-        return rows[score.argmax(dim=-1)]
+        _, rows, best = self._nearest(x)
+        return rows[best]
