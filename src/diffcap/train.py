@@ -22,7 +22,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .checkpoint import RunDirError, load_weights, save_model_files
-from .checkpoints import list_checkpoints, prune, publish, remove_partial_checkpoints, write_checkpoint
+from .checkpoints import (
+    checkpoint_path, list_checkpoints, prune, publish, remove_partial_checkpoints, write_checkpoint,
+)
 from .config import Config, ConfigError, TrainConfig
 from .data.contract import DataError, FeatureStore, check_ids, describe_ids, read_captions
 from .data.datasets import CaptionPairs, SplitData, load_split
@@ -183,6 +185,7 @@ class Trainer:
         self.step = 0
         self.log_path = self.out_dir / "logs" / "train.jsonl"
         self.writer = None
+        self.last_checkpoint: tuple[int, Path] | None = None  # (step, folder) resumed from or last written
 
     # ---- logging -------------------------------------------------------------------------------
     def _log(self, record: dict) -> None:
@@ -218,6 +221,7 @@ class Trainer:
         """Write checkpoints/step-N (complete before it is visible), publish its model files to the
         top of the run directory for CaptionPipeline, and keep only the newest train.keep_checkpoints."""
         self.accelerator.wait_for_everyone()
+        self.last_checkpoint = (self.step, checkpoint_path(self.out_dir, self.step))
         if not self.accelerator.is_main_process:
             return
         remove_partial_checkpoints(self.out_dir)
@@ -227,7 +231,9 @@ class Trainer:
 
     def resume(self) -> bool:
         """Restore the newest complete checkpoint; an unreadable one (e.g. a truncated file) is
-        reported and the one before it used. False if the run directory has no checkpoint."""
+        reported and the one before it used, and once that one has loaded the unreadable ones are
+        renamed aside to ``checkpoints/unreadable-step-N`` (so they neither count among the
+        checkpoints kept nor pass for the newest). False if the run directory has no checkpoint."""
         if self.accelerator.is_main_process:
             for p in remove_partial_checkpoints(self.out_dir):
                 log.warning("%s: removed what an interrupted save left behind", p)
@@ -237,20 +243,40 @@ class Trainer:
         if not candidates:
             return False
         self._check_fits(candidates[0])
-        problems = []
+        problems, unreadable = [], []
         for folder in candidates:
             try:
                 self._load_checkpoint(folder)
             except _UNREADABLE as exc:
                 log.warning("%s: unreadable checkpoint, trying the one before (%s)", folder, exc)
                 problems.append(f"{folder}: {exc}")
+                unreadable.append(folder)
                 continue
-            if folder != self.out_dir and self.accelerator.is_main_process:
-                publish(self.out_dir, folder)  # repairs a publish cut short by a kill
+            # Every process has read what it needs before the main process moves anything.
+            self.accelerator.wait_for_everyone()
+            if self.accelerator.is_main_process:
+                for bad in unreadable:
+                    if bad != self.out_dir:
+                        self._set_aside(bad)
+                if folder != self.out_dir:
+                    publish(self.out_dir, folder)  # repairs a publish cut short by a kill
+            self.last_checkpoint = (self.step, folder)
             log.info("resumed %s at step %d from %s", self.out_dir, self.step, folder)
             return True
         raise RunDirError(f"{self.out_dir}: no readable checkpoint ({'; '.join(problems)}); "
                           "pass --no-resume to start over")
+
+    @staticmethod
+    def _set_aside(folder: Path) -> Path:
+        """Rename an unreadable checkpoint to ``unreadable-step-N`` (not listed, never pruned)."""
+        target = folder.with_name(f"unreadable-{folder.name}")
+        n = 1
+        while target.exists():
+            n += 1
+            target = folder.with_name(f"unreadable-{folder.name}-{n}")
+        folder.rename(target)
+        log.warning("%s: unreadable checkpoint renamed to %s (inspect or delete it)", folder, target)
+        return target
 
     def _check_fits(self, folder: Path) -> None:
         """The run's features must have the shape the checkpoint was trained on: say so before
@@ -357,8 +383,8 @@ class Trainer:
         if self.accelerator.num_processes > 1:
             images = gather_object(images)
         images = list(dict.fromkeys(images))
-        saved = list_checkpoints(self.out_dir)
-        kept = f"the checkpoint of step {saved[-1][0]} is intact" if saved else "no checkpoint was written yet"
+        kept = (f"the checkpoint of step {self.last_checkpoint[0]} is intact ({self.last_checkpoint[1]})"
+                if self.last_checkpoint is not None else "no checkpoint was written yet")
         raise FloatingPointError(
             f"non-finite loss at step {self.step + 1} (batch of {len(local) * self.accelerator.num_processes} "
             f"captions from {self.cfg.data.captions}); non-finite for image {describe_ids(images)}; "
