@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,11 +103,15 @@ def set_encoder(cfg: Config, store: FeatureStore) -> None:
         cfg.data.encoder_kind = kind if kind in ("clip-image", "clip-text", "sentence-transformers") else ""
 
 
-def add_feature_noise(feats: torch.Tensor, std: float) -> torch.Tensor:
-    """CapDec's noise injection (arXiv 2211.00575): training conditions only, never at sampling."""
+def add_feature_noise(feats: torch.Tensor, std: float, noise: Callable[[], StepNoise]) -> torch.Tensor:
+    """CapDec's noise injection (arXiv 2211.00575): training conditions only, never at sampling.
+
+    The noise comes from the step's :class:`StepNoise` (``noise()`` makes it), so an example's noise
+    depends only on (seed, step, its position in the global batch), whatever the number of
+    processes. With ``std`` 0 nothing is drawn."""
     if std <= 0 or not feats.is_floating_point():
         return feats
-    return feats + std * torch.randn_like(feats)
+    return feats + std * noise().example_randn(*feats.shape[1:]).to(feats.device, feats.dtype)
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -347,13 +352,16 @@ class Trainer:
         record["val/samples"] = [{"image_id": i, "caption": c} for i, c in list(predictions.items())[:3]]
         return record
 
+    def _step_noise(self, ids: torch.Tensor, micro: int) -> StepNoise:
+        """The random draws of micro-batch ``micro`` (see diffusion/noise.py)."""
+        acc = self.accelerator
+        return StepNoise(self.cfg.train.seed, micro, k=self.cfg.diffusion.timesteps_per_caption,
+                         batch=ids.shape[0], rank=acc.process_index, world=acc.num_processes,
+                         device=ids.device, gather=acc.gather)
+
     def _losses(self, model, ids, feats, micro: int) -> dict:
         if self.is_diffusion:
-            acc = self.accelerator
-            noise = StepNoise(self.cfg.train.seed, micro, k=self.cfg.diffusion.timesteps_per_caption,
-                              batch=ids.shape[0], rank=acc.process_index, world=acc.num_processes,
-                              device=ids.device, gather=acc.gather)
-            return self.diffusion.training_losses(model, ids, feats, noise=noise)
+            return self.diffusion.training_losses(model, ids, feats, noise=self._step_noise(ids, micro))
         return model(ids, feats)  # through forward, so DDP synchronises the gradients
 
     def _scalars(self, terms: dict, index: torch.Tensor) -> dict[str, float]:
@@ -420,7 +428,7 @@ class Trainer:
         model = self.model.train()
         while self.step < cfg.steps:
             ids, feats, index = next(batches)
-            feats = add_feature_noise(feats, self.cfg.data.feature_noise_std)
+            feats = add_feature_noise(feats, self.cfg.data.feature_noise_std, lambda: self._step_noise(ids, micro))
             with self.accelerator.accumulate(model), self.accelerator.autocast():
                 terms = self._losses(model, ids, feats, micro)
                 micro += 1
