@@ -6,6 +6,7 @@ GaussianDiffusion and the captions from CaptionPipeline.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -160,6 +161,25 @@ def _check_shapes(path: Path, saved: dict[str, torch.Tensor], current: dict[str,
                           "was the vocabulary built from other captions? use a new --out")
 
 
+def _closing_outputs(train):
+    """Wrap Trainer.train so that its progress bar and TensorBoard writer are closed however it
+    ends, an exception included (try/finally around the whole of train)."""
+
+    @functools.wraps(train)
+    def wrapper(self: Trainer, *args, **kwargs):
+        try:
+            return train(self, *args, **kwargs)
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+            if self.writer is not None:
+                self.writer.close()
+                self.writer = None
+
+    return wrapper
+
+
 class Trainer:
     def __init__(self, cfg: Config, out_dir: str | Path, data: TrainingData | None = None):
         self.cfg = cfg
@@ -190,6 +210,7 @@ class Trainer:
         self.step = 0
         self.log_path = self.out_dir / "logs" / "train.jsonl"
         self.writer = None
+        self._bar = None  # the progress bar of train()
         self.last_checkpoint: tuple[int, Path] | None = None  # (step, folder) resumed from or last written
 
     # ---- logging -------------------------------------------------------------------------------
@@ -414,6 +435,7 @@ class Trainer:
             over = self.accelerator.reduce(over, "sum")
         return bool(over.item() > 0)
 
+    @_closing_outputs
     def train(self, resume: bool = True) -> dict:
         cfg = self.cfg.train
         if resume:
@@ -422,7 +444,7 @@ class Trainer:
         micro = self.step * cfg.grad_accum
         for _ in range(micro):  # skip what was already consumed
             next(batches)
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.accelerator.is_main_process),
+        bar = self._bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.accelerator.is_main_process),
                    desc="train", dynamic_ncols=True)
         start, last = time.time(), {}
         model = self.model.train()
@@ -459,7 +481,4 @@ class Trainer:
                 self.save()
             if done:
                 break
-        bar.close()
-        if self.writer is not None:
-            self.writer.close()
         return {"steps": self.step, "train_s": time.time() - start, **last}
