@@ -212,6 +212,7 @@ class Trainer:
         self.writer = None
         self._bar = None  # the progress bar of train()
         self.last_checkpoint: tuple[int, Path] | None = None  # (step, folder) resumed from or last written
+        self.resumed_at: int | None = None  # the step resume() restored, if it did
 
     # ---- logging -------------------------------------------------------------------------------
     def _log(self, record: dict) -> None:
@@ -287,6 +288,7 @@ class Trainer:
                 if folder != self.out_dir:
                     publish(self.out_dir, folder)  # repairs a publish cut short by a kill
             self.last_checkpoint = (self.step, folder)
+            self.resumed_at = self.step
             log.info("resumed %s at step %d from %s", self.out_dir, self.step, folder)
             return True
         raise RunDirError(f"{self.out_dir}: no readable checkpoint ({'; '.join(problems)}); "
