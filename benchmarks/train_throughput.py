@@ -82,7 +82,8 @@ def run(root: Path, processes: int, global_batch: int, steps: int, warmup: int) 
     t0 = time.time()
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
     wall = time.time() - t0
-    elapsed = {r["step"]: r["elapsed_s"] for r in map(json.loads, (out / "logs" / "train.jsonl").open()) if "elapsed_s" in r}
+    with (out / "logs" / "train.jsonl").open() as f:
+        elapsed = {r["step"]: r["elapsed_s"] for r in map(json.loads, f) if "elapsed_s" in r}
     seconds = elapsed[steps] - elapsed[warmup]
     return {"processes": processes, "per_process_batch": global_batch // processes, "global_batch": global_batch,
             "timed_steps": steps - warmup, "timed_s": round(seconds, 3),

@@ -116,15 +116,16 @@ def _digest(folder):
 def test_nan_loss_stops_with_step_and_images_and_keeps_the_checkpoint(feature_data, tmp_path):
     run = tmp_path / "run"
     cfg = small_config(feature_data, steps=10)
-    cfg.train.save_every = 4
+    cfg.train.save_every, cfg.train.log_every = 4, 1
     trainer = Trainer(cfg, run)
     real = trainer.diffusion.training_losses
-    calls = []
+    calls, open_outputs = [], []
 
     def poisoned(model, ids, feats, **kw):
         terms = real(model, ids, feats, **kw)
         calls.append(1)
-        if len(calls) == 6:  # step 6: one caption's loss becomes NaN, as from a bad example
+        if len(calls) == 6:
+            open_outputs.extend([trainer.writer, trainer._bar])  # step 6: one caption's loss becomes NaN, as from a bad example
             per = terms["per_sample"].clone()
             per[3] = float("nan")
             terms["per_sample"] = per
@@ -137,7 +138,10 @@ def test_nan_loss_stops_with_step_and_images_and_keeps_the_checkpoint(feature_da
     message = str(info.value)
     assert "non-finite loss at step 6" in message and "captions.jsonl" in message
     assert re.search(r"non-finite for image 1 id\(s\): 'img\d'", message)
-    assert "the checkpoint of step 4 is intact" in message
+    assert f"the checkpoint of step 4 is intact ({run / 'checkpoints' / 'step-000004'})" in message
+    writer, bar = open_outputs  # open when the error struck, closed on the way out
+    assert writer is not None and writer.all_writers is None
+    assert bar is not None and trainer._bar is None and trainer.writer is None
     assert [s for s, _ in list_checkpoints(run)] == [4]
     saved = _digest(run / "checkpoints" / "step-000004")
     resumed = Trainer(small_config(feature_data, steps=10), run)

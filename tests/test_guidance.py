@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -114,3 +115,26 @@ def test_train_save_load_round_trip_and_guided_pipeline(feature_data, tmp_path, 
     assert len(out.texts) == 2
     with pytest.raises(FileNotFoundError, match="train-guidance"):
         pipe(feats, seed=0, steps=5, classifier_scale=0.5, classifier_path="nothing-here")
+
+
+def test_load_guidance_errors_name_the_file(tmp_path):
+    from diffcap.checkpoint import RunDirError
+    from diffcap.guidance import CONFIG, WEIGHTS, save_guidance
+
+    folder = tmp_path / "guidance"
+    save_guidance(folder, GuidanceClassifier(kind="linear", emb_dim=4, cond_dim=3, seq_len=5, d_model=8))
+    good_weights, good_config = (folder / WEIGHTS).read_bytes(), (folder / CONFIG).read_text()
+    load_guidance(folder)
+
+    (folder / WEIGHTS).write_bytes(good_weights[:-20])  # truncated
+    with pytest.raises(RunDirError, match=re.escape(str(folder / WEIGHTS))):
+        load_guidance(folder)
+    (folder / WEIGHTS).write_bytes(good_weights)
+
+    (folder / CONFIG).write_text('{"training": {}}')  # no "architecture"
+    with pytest.raises(RunDirError, match=re.escape(str(folder / CONFIG))):
+        load_guidance(folder)
+    (folder / CONFIG).write_text(good_config.replace('"seq_len": 5', '"seq_len": 6'))  # shape mismatch
+    with pytest.raises(RunDirError, match=re.escape(str(folder / WEIGHTS)) + ".*does not fit"):
+        load_guidance(folder)
+    assert issubclass(RunDirError, FileNotFoundError)  # cli.main reports these as errors, without a traceback

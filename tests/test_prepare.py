@@ -259,6 +259,41 @@ def test_corrupt_and_missing_images_are_named(tmp_path, tiny_clip, capsys):
     assert {r.image_id for r in read_captions(tmp_path / "out" / "captions.jsonl")} == {names(4)[0], names(4)[2]}
 
 
+def test_flickr8k_official_text_folder(tmp_path):
+    """Flickr8k_text.zip unpacked as is: the token file and the split lists together in Flickr8k_text/."""
+    root = flickr8k_layout(tmp_path / "flickr8k", token_file=True)
+    text = root / "Flickr8k_text"
+    text.mkdir()
+    for f in [root / "Flickr8k.token.txt", *root.glob("Flickr_8k.*Images.txt")]:
+        f.rename(text / f.name)
+    layout = read_layout("flickr8k", root)
+    assert layout.captions_file == text / "Flickr8k.token.txt"
+    assert {r.image_id: r.split for r in layout.records} == dict(zip(names(4), ["train", "train", "val", "test"]))
+
+
+@pytest.mark.parametrize("how", ["out_is_root", "captions_flag"])
+def test_prepare_never_overwrites_the_source_captions(tmp_path, how):
+    root = tmp_path / "photos"
+    jpeg(root / "p0.jpg", 0)
+    source = root / "captions.jsonl"
+    source.write_text("".join(json.dumps({"image_id": "p0.jpg", "caption": c, "split": "train"}) + "\n"
+                              for c in CAPTIONS[:3]))
+    before = source.read_bytes()
+    if how == "out_is_root":
+        out, captions = root, None
+    else:  # the source captions file named explicitly, inside the output folder
+        out = tmp_path / "data"
+        out.mkdir()
+        captions = out / "captions.jsonl"
+        source.rename(captions)
+        source, before = captions, captions.read_bytes()
+    with pytest.raises(DataError, match="source captions") as err:
+        prepare("folder", root, out, captions=captions, encoder="no/such-encoder", progress=False)
+    assert str(source) in str(err.value) and str(out) in str(err.value)
+    assert source.read_bytes() == before
+    assert not (out / "features.safetensors").exists() and not (out / "prepare.json").exists()
+
+
 # ------------------------------------------------------------------------------------------------ text only
 
 
@@ -285,6 +320,31 @@ def test_text_condition_sentence_transformers(tmp_path, minilm_dir):
     store = FeatureStore.open(tmp_path / "out" / "features.safetensors")
     assert store.item_shape == (384,) and store.ids == names(4)
     assert len(read_captions(tmp_path / "out" / "captions.jsonl")) == 8
+
+
+def test_text_condition_passes_batch_size_and_dtype_and_warns_of_image_options(tmp_path, tiny_clip,
+                                                                             monkeypatch, caplog):
+    import diffcap.data.prepare as prepare_module
+
+    made = []
+
+    class Recording(TextEncoder):
+        def __init__(self, *args, **kwargs):
+            made.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(prepare_module, "TextEncoder", Recording)
+    root = folder_layout(tmp_path / "photos")
+    with caplog.at_level("WARNING", logger="diffcap.data.prepare"):
+        prepare("folder", root, tmp_path / "out", encoder=str(tiny_clip), condition="text", progress=False,
+                batch_size=3, dtype="fp32", device="cpu")
+    assert made[-1]["batch_size"] == 3 and made[-1]["dtype"] == "fp32"
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]  # defaults: no warning
+    with caplog.at_level("WARNING", logger="diffcap.data.prepare"):
+        prepare("folder", root, tmp_path / "out2", encoder=str(tiny_clip), condition="text", progress=False,
+                device="cpu", workers=2, skip_bad=True, patch_tokens=True, shard_size=10)
+    warned = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert all(flag in warned for flag in ("--workers", "--skip-bad", "--patch-tokens", "--shard-size"))
 
 
 def test_text_condition_needs_a_remaining_target(tmp_path, tiny_clip):

@@ -87,12 +87,81 @@ def test_unreadable_newest_checkpoint_falls_back_with_a_warning(feature_data, tm
     resumed = Trainer(small_config(feature_data, steps=4), run)
     assert resumed.resume() and resumed.step == 2
     assert str(newest) in caplog.text and "unreadable checkpoint" in caplog.text
+    # set aside under a name that is neither listed nor pruned, with a warning naming it
+    aside = run / "checkpoints" / "unreadable-step-000004"
+    assert aside.is_dir() and str(aside) in caplog.text
+    assert [s for s, _ in list_checkpoints(run)] == [2]
     older = run / "checkpoints" / "step-000002" / "model.safetensors"
     older.write_bytes(b"")
     from diffcap.checkpoint import RunDirError
 
-    with pytest.raises(RunDirError, match=r"no readable checkpoint.*step-000004.*step-000002"):
+    with pytest.raises(RunDirError, match=r"no readable checkpoint.*step-000002"):
         Trainer(small_config(feature_data, steps=4), run).resume()
+    assert older.parent.is_dir()  # with nothing readable, nothing is moved: the user decides
+
+
+def test_nan_after_a_fallback_names_the_checkpoint_loaded(feature_data, tmp_path):
+    run = tmp_path / "run"
+    cfg = small_config(feature_data, steps=4)
+    cfg.train.save_every, cfg.train.keep_checkpoints = 2, 2
+    Trainer(cfg, run).train(resume=False)
+    newest = run / "checkpoints" / "step-000004" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:-100])
+    cfg = small_config(feature_data, steps=6)
+    cfg.train.save_every, cfg.train.keep_checkpoints = 100, 2
+    trainer = Trainer(cfg, run)
+    real = trainer.diffusion.training_losses
+
+    def poisoned(model, ids, feats, **kw):
+        terms = real(model, ids, feats, **kw)
+        return terms | {"loss": terms["loss"] * float("nan")}
+
+    trainer.diffusion.training_losses = poisoned
+    with pytest.raises(FloatingPointError) as info:
+        trainer.train()
+    message = str(info.value)
+    assert "non-finite loss at step 3" in message
+    assert f"the checkpoint of step 2 is intact ({run / 'checkpoints' / 'step-000002'})" in message
+
+
+def test_atomic_directory_puts_the_old_folder_back_when_the_swap_fails(tmp_path, monkeypatch):
+    from diffcap import io
+
+    target = tmp_path / "tokenizer"
+    target.mkdir()
+    (target / "vocab.txt").write_text("old")
+    real, calls = os.replace, []
+
+    def fails_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the old folder is aside; renaming the new one in fails
+            raise OSError("disk gone")
+        real(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", fails_second)
+    with pytest.raises(OSError, match="disk gone"):
+        with io.atomic_directory(target) as tmp:
+            (tmp / "vocab.txt").write_text("new")
+    monkeypatch.undo()
+    assert (target / "vocab.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer"]
+
+
+def test_remove_partial_renames_back_a_folder_left_aside(tmp_path):
+    from diffcap.io import remove_partial
+
+    # a kill between "old folder aside" and "new folder in": the aside folder is the only copy
+    aside = tmp_path / ".tokenizer.0123abcd.old.tmp"
+    aside.mkdir()
+    (aside / "vocab.txt").write_text("only copy")
+    (tmp_path / ".tokenizer.89ab.tmp").mkdir()  # the unfinished new folder
+    # an aside folder whose replacement did land is garbage
+    (tmp_path / "model").mkdir()
+    (tmp_path / ".model.4567.old.tmp").mkdir()
+    removed = remove_partial(tmp_path)
+    assert (tmp_path / "tokenizer" / "vocab.txt").read_text() == "only copy"
+    assert sorted(p.name for p in removed) == [".model.4567.old.tmp", ".tokenizer.89ab.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "tokenizer"]
 
 
 def test_sigkilled_training_resumes_bit_identical(feature_data, tmp_path):

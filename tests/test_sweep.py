@@ -91,6 +91,7 @@ def test_two_point_sweep_stops_resumes_and_writes_its_table(tmp_path, monkeypatc
     assert "Not finished yet: diffusion.loss=mse" in (out / "results.md").read_text()
     first = (out / "diffusion.loss=l1" / "result.json").read_text()
     assert trained == ["diffusion.loss=l1", "diffusion.loss=mse"]
+    assert json.loads((out / "diffusion.loss=l1" / "trained.json").read_text())["resumed"] is False
 
     monkeypatch.setattr(sweep_mod, "_evaluate", real_eval)
     rows = run_sweep(path)
@@ -115,3 +116,27 @@ def test_sweep_errors_name_the_file(tmp_path):
     path.write_text("data: d\nvariantz: []\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: unknown keys \['variantz'\]"):
         load_sweep(path)
+
+
+def test_a_variant_resumed_mid_training_is_marked_resumed(tmp_path, monkeypatch):
+    make_feature_data(tmp_path / "data")
+    path = tmp_path / "sweep.yaml"
+    path.write_text(SWEEP.replace("grid:\n  diffusion.loss: [l1, mse]\n", "variants: [{name: a}]\n")
+                    .replace("sampling_steps: [2, 3]", "sampling_steps: [2]"))
+    real_save = Trainer.save
+
+    def stopped_after_step_2(self):
+        real_save(self)
+        if self.step == 2:
+            raise KeyboardInterrupt  # the sweep is stopped mid-training, a checkpoint written
+
+    monkeypatch.setattr(Trainer, "save", stopped_after_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(path)
+    monkeypatch.setattr(Trainer, "save", real_save)
+    rows = run_sweep(path)
+    trained = json.loads((tmp_path / "out" / "a" / "trained.json").read_text())
+    assert trained["resumed"] is True and trained["resumed_at_step"] == 2 and trained["train_steps"] == 4
+    assert [r["resumed"] for r in rows] == [True]
+    with open(tmp_path / "out" / "results.csv") as f:
+        assert [r["resumed"] for r in csv.DictReader(f)] == ["True"]

@@ -38,8 +38,8 @@ def calibrate(cfg: Config, data, run_dir: Path) -> float:
     shutil.rmtree(run_dir, ignore_errors=True)
     reset_accelerate()
     Trainer(c, run_dir, data=data).train(resume=False)
-    elapsed = {r["step"]: r["elapsed_s"] for r in map(json.loads, (run_dir / "logs" / "train.jsonl").open())
-               if "elapsed_s" in r}
+    with (run_dir / "logs" / "train.jsonl").open() as f:
+        elapsed = {r["step"]: r["elapsed_s"] for r in map(json.loads, f) if "elapsed_s" in r}
     shutil.rmtree(run_dir, ignore_errors=True)
     return (elapsed[CALIBRATION_STEPS] - elapsed[CALIBRATION_SKIP]) / (CALIBRATION_STEPS - CALIBRATION_SKIP)
 

@@ -85,7 +85,7 @@ def cmd_prepare(args) -> None:
                       condition=args.condition, text_encoder=args.text_encoder,
                       condition_caption=args.condition_caption, patch_tokens=args.patch_tokens,
                       batch_size=args.batch_size, shard_size=args.shard_size, device=args.device, dtype=args.dtype,
-                      workers=args.workers, skip_bad=args.skip_bad, progress=not args.no_progress)
+                      workers=4 if args.workers is None and args.condition == "image" else args.workers, skip_bad=args.skip_bad, progress=not args.no_progress)
     print(json.dumps(summary, indent=2))
 
 
@@ -170,10 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-encoder", help="CLIP (text tower) or sentence-transformers folder (default --encoder)")
     p.add_argument("--condition-caption", type=int, default=0, help="k: caption #k is the condition, not a target")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--shard-size", type=int, default=2048, help="images per resumable shard")
+    p.add_argument("--shard-size", type=int, default=None, help="images per resumable shard (default 2048)")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: bf16/fp16 on GPU")
-    p.add_argument("--workers", type=int, default=4, help="image decoding processes")
+    p.add_argument("--workers", type=int, default=None, help="image decoding processes (default 4)")
     p.add_argument("--skip-bad", action="store_true", help="leave out unreadable images (counted) instead of failing")
     p.add_argument("--from-hub", metavar="NAME", help="online: fetch a data set with `datasets` into ROOT first")
     p.add_argument("--no-progress", action="store_true")

@@ -111,15 +111,26 @@ def save_guidance(folder: str | Path, classifier: GuidanceClassifier, record: di
 
 
 def load_guidance(folder: str | Path, device: str | torch.device = "cpu") -> GuidanceClassifier:
-    from safetensors.torch import load_file
+    """Load ``folder``'s guidance classifier; a missing, truncated or mismatched file raises
+    :class:`~diffcap.checkpoint.RunDirError` (a FileNotFoundError) naming it."""
+    from .checkpoint import RunDirError, load_weights
 
     folder = Path(folder)
     if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
-        raise FileNotFoundError(f"{folder}: no guidance classifier ({CONFIG} and {WEIGHTS}); train one with "
-                                f"`diffcap train-guidance --run RUN_DIR`")
-    arch = json.loads((folder / CONFIG).read_text())["architecture"]
-    classifier = GuidanceClassifier(**arch)
-    classifier.load_state_dict(load_file(str(folder / WEIGHTS)))
+        raise RunDirError(f"{folder}: no guidance classifier ({CONFIG} and {WEIGHTS}); train one with "
+                          f"`diffcap train-guidance --run RUN_DIR`")
+    try:
+        arch = json.loads((folder / CONFIG).read_text())["architecture"]
+        classifier = GuidanceClassifier(**arch)
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
+        raise RunDirError(f"{folder / CONFIG}: not a readable guidance config "
+                          f"(expected {{'architecture': {{kind, emb_dim, cond_dim, seq_len, ...}}}}): {exc!r}") from exc
+    weights = load_weights(folder / WEIGHTS)  # names the file if it is not readable safetensors
+    try:
+        classifier.load_state_dict(weights)
+    except RuntimeError as exc:  # missing/unexpected keys, shape mismatch
+        raise RunDirError(f"{folder / WEIGHTS}: does not fit the classifier described by {folder / CONFIG}: "
+                          f"{exc}") from exc
     return classifier.to(device).eval()
 
 

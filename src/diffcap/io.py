@@ -40,11 +40,7 @@ def atomic_output(path: PathLike) -> Iterator[Path]:
         raise
     if os.name == "posix":
         # The rename itself lives in the directory entry; sync it too.
-        dir_fd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _fsync_path(target.parent)
 
 
 def write_json(path: PathLike, obj: Any) -> None:
@@ -83,22 +79,26 @@ def atomic_directory(path: PathLike) -> Iterator[Path]:
     it to ``path``, so ``path`` never names a half-written folder (a killed writer leaves only a
     hidden ``.NAME.*.tmp`` folder, which :func:`remove_partial` cleans up).
 
-    An existing ``path`` is replaced: it is first renamed aside, so for a moment neither exists but
-    ``path`` never holds a mix of old and new files.
+    An existing ``path`` is replaced: it is first renamed aside to ``.NAME.*.old.tmp``, so for a
+    moment neither exists but ``path`` never holds a mix of old and new files. If the new folder
+    cannot be renamed in, the old one is renamed back; if the process is killed in that moment,
+    :func:`remove_partial` renames it back.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
     tmp.mkdir()
+    old = None
     try:
         yield tmp
         fsync_tree(tmp)
-        old = None
         if target.exists():
-            old = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old.tmp")
+            old = target.with_name(f".{target.name}.{uuid.uuid4().hex}{OLD_SUFFIX}")
             os.replace(target, old)
         os.replace(tmp, target)
     except BaseException:
+        if old is not None and not target.exists():
+            os.replace(old, target)  # put the old folder back: never leave ``path`` missing
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if os.name == "posix":
@@ -107,10 +107,29 @@ def atomic_directory(path: PathLike) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+OLD_SUFFIX = ".old.tmp"  # atomic_directory's name for the folder it is replacing
+
+
+def _renamed_aside(p: Path) -> Path | None:
+    """The folder that ``.NAME.<hex>.old.tmp`` was renamed aside from (``NAME``), else None."""
+    if not p.name.endswith(OLD_SUFFIX) or not p.name.startswith("."):
+        return None
+    name, _, _ = p.name[1:-len(OLD_SUFFIX)].rpartition(".")
+    return p.with_name(name) if name else None
+
+
 def remove_partial(folder: PathLike) -> list[Path]:
-    """Delete the temporary files and folders that a killed atomic writer left in ``folder``."""
+    """Delete the temporary files and folders that a killed atomic writer left in ``folder``.
+
+    A folder that :func:`atomic_directory` renamed aside (``.NAME.*.old.tmp``) is the only copy when
+    the writer was killed before renaming the new ``NAME`` in: then it is renamed back to ``NAME``
+    (and not counted as removed) instead of being deleted."""
     removed = []
-    for p in Path(folder).glob(".*.tmp"):
+    for p in sorted(Path(folder).glob(".*.tmp")):
+        original = _renamed_aside(p)
+        if original is not None and p.is_dir() and not original.exists():
+            os.replace(p, original)
+            continue
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         else:

@@ -22,8 +22,12 @@ A sweep file names the data set, a base config and the variants; see docs/experi
 Relative paths are relative to the sweep file; ``{data}`` in paths and override values is replaced by
 the data folder. Each variant is a normal run directory ``OUT/<name>/``; it is finished when
 ``OUT/<name>/result.json`` exists (written atomically, last), and a rerun skips finished variants.
-Training that was stopped resumes from the run's last checkpoint (``trainer_state/``); a variant
-whose training finished (``trained.json``) is only re-evaluated. After every variant the table
+Training that was stopped resumes from the run's newest checkpoint (``OUT/<name>/checkpoints/step-N/``,
+see diffcap.checkpoints); a variant whose training finished (``trained.json``) is only re-evaluated.
+A resumed variant is marked ``resumed: true`` (with ``resumed_at_step``) in trained.json and in the
+results; its ``train_s`` (and ``wall_s``) then count only the training after the resume, not the time
+spent before the stop, so its timings are not comparable with those of an uninterrupted variant
+(its planned steps are: a budgeted run keeps its ``plan.json``). After every variant the table
 ``OUT/results.md`` and ``OUT/results.csv`` is rewritten (atomically), and with several sampling
 steps and matplotlib installed, ``OUT/cider_vs_steps.png``.
 """
@@ -51,7 +55,7 @@ from .io import atomic_output, write_json
 log = logging.getLogger(__name__)
 
 TABLE = ("name", "sampler", "steps", "CIDEr", "BLEU-4", "METEOR", "ROUGE_L", "train_s", "train_steps",
-         "captions_per_s", "s_per_caption_b1", "settings")
+         "resumed", "captions_per_s", "s_per_caption_b1", "settings")
 _SWEEP_KEYS = {"name", "data", "base", "overrides", "budget_s", "eval", "sampling_steps", "speed", "variants",
                "grid", "out", "plot", "checkpoints"}
 _VARIANT_KEYS = {"name", "config", "overrides", "guidance", "samplers"}
@@ -225,8 +229,10 @@ def _train(sweep: Sweep, variant: Variant, run_dir: Path) -> dict:
     start = time.time()
     stats = trainer.train(resume=True)
     model = trainer.accelerator.unwrap_model(trainer.model)
+    # train_s and wall_s cover this process only: after a resume, not the training before the stop
     record = {"train_steps": stats["steps"], "planned_steps": cfg.train.steps, "train_s": stats["train_s"],
-              "wall_s": time.time() - start, "final_loss": stats.get("loss"),
+              "wall_s": time.time() - start, "resumed": trainer.resumed_at is not None,
+              "resumed_at_step": trainer.resumed_at, "final_loss": stats.get("loss"),
               "params": sum(p.numel() for p in model.parameters()),
               "params_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     del trainer, model
@@ -285,6 +291,7 @@ def _evaluate(sweep: Sweep, variant: Variant, run_dir: Path, trained: dict) -> l
             rows.append({"name": variant.name, "sampler": sname, "steps": steps,
                          **{k: scores.get(k) for k in ("CIDEr", "BLEU-4", "METEOR", "ROUGE_L")},
                          "train_s": trained["train_s"], "train_steps": trained["train_steps"],
+                         "resumed": bool(trained.get("resumed", False)),
                          "captions_per_s": batch / b64, "s_per_caption_b1": b1, "eval_images": len(images),
                          "eval_captioning_s": caption_s, "speed_batch": batch,
                          "settings": (settings + (" " + " ".join(f"{k}={v}" for k, v in sampler.items())

@@ -6,10 +6,12 @@ GaussianDiffusion and the captions from CaptionPipeline.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +24,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .checkpoint import RunDirError, check_shapes, load_weights, save_model_files
-from .checkpoints import CHECKPOINTS, list_checkpoints, prune, publish, remove_partial_checkpoints, write_checkpoint
+from .checkpoints import (
+    CHECKPOINTS, checkpoint_path, list_checkpoints, prune, publish, remove_partial_checkpoints, write_checkpoint,
+)
 from .config import Config, ConfigError, TrainConfig
 from .data.contract import DataError, FeatureStore, check_ids, describe_ids, read_captions
 from .data.datasets import CaptionPairs, SplitData, load_split
@@ -100,11 +104,15 @@ def set_encoder(cfg: Config, store: FeatureStore) -> None:
         cfg.data.encoder_kind = kind if kind in ("clip-image", "clip-text", "sentence-transformers") else ""
 
 
-def add_feature_noise(feats: torch.Tensor, std: float) -> torch.Tensor:
-    """CapDec's noise injection (arXiv 2211.00575): training conditions only, never at sampling."""
+def add_feature_noise(feats: torch.Tensor, std: float, noise: Callable[[], StepNoise]) -> torch.Tensor:
+    """CapDec's noise injection (arXiv 2211.00575): training conditions only, never at sampling.
+
+    The noise comes from the step's :class:`StepNoise` (``noise()`` makes it), so an example's noise
+    depends only on (seed, step, its position in the global batch), whatever the number of
+    processes. With ``std`` 0 nothing is drawn."""
     if std <= 0 or not feats.is_floating_point():
         return feats
-    return feats + std * torch.randn_like(feats)
+    return feats + std * noise().example_randn(*feats.shape[1:]).to(feats.device, feats.dtype)
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -143,6 +151,25 @@ def ema_avg_fn(decay: float):
 _UNREADABLE = (RunDirError, SafetensorError, OSError, KeyError, json.JSONDecodeError)
 
 
+def _closing_outputs(train):
+    """Wrap Trainer.train so that its progress bar and TensorBoard writer are closed however it
+    ends, an exception included (try/finally around the whole of train)."""
+
+    @functools.wraps(train)
+    def wrapper(self: Trainer, *args, **kwargs):
+        try:
+            return train(self, *args, **kwargs)
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+            if self.writer is not None:
+                self.writer.close()
+                self.writer = None
+
+    return wrapper
+
+
 class Trainer:
     def __init__(self, cfg: Config, out_dir: str | Path, data: TrainingData | None = None):
         self.cfg = cfg
@@ -173,6 +200,9 @@ class Trainer:
         self.step = 0
         self.log_path = self.out_dir / "logs" / "train.jsonl"
         self.writer = None
+        self._bar = None  # the progress bar of train()
+        self.last_checkpoint: tuple[int, Path] | None = None  # (step, folder) resumed from or last written
+        self.resumed_at: int | None = None  # the step resume() restored, if it did
 
     # ---- logging -------------------------------------------------------------------------------
     def _log(self, record: dict) -> None:
@@ -208,6 +238,7 @@ class Trainer:
         """Write checkpoints/step-N (complete before it is visible), publish its model files to the
         top of the run directory for CaptionPipeline, and keep only the newest train.keep_checkpoints."""
         self.accelerator.wait_for_everyone()
+        self.last_checkpoint = (self.step, checkpoint_path(self.out_dir, self.step))
         if not self.accelerator.is_main_process:
             return
         remove_partial_checkpoints(self.out_dir)
@@ -217,7 +248,9 @@ class Trainer:
 
     def resume(self) -> bool:
         """Restore the newest complete checkpoint; an unreadable one (e.g. a truncated file) is
-        reported and the one before it used. False if the run directory has no checkpoint."""
+        reported and the one before it used, and once that one has loaded the unreadable ones are
+        renamed aside to ``checkpoints/unreadable-step-N`` (so they neither count among the
+        checkpoints kept nor pass for the newest). False if the run directory has no checkpoint."""
         if self.accelerator.is_main_process:
             for p in remove_partial_checkpoints(self.out_dir):
                 log.warning("%s: removed what an interrupted save left behind", p)
@@ -227,16 +260,25 @@ class Trainer:
         if not candidates:
             return False
         self._check_fits(candidates[0])
-        problems = []
+        problems, unreadable = [], []
         for folder in candidates:
             try:
                 self._load_checkpoint(folder)
             except _UNREADABLE as exc:
                 log.warning("%s: unreadable checkpoint, trying the one before (%s)", folder, exc)
                 problems.append(f"{folder}: {exc}")
+                unreadable.append(folder)
                 continue
-            if folder != self.out_dir and self.accelerator.is_main_process:
-                publish(self.out_dir, folder)  # repairs a publish cut short by a kill
+            # Every process has read what it needs before the main process moves anything.
+            self.accelerator.wait_for_everyone()
+            if self.accelerator.is_main_process:
+                for bad in unreadable:
+                    if bad != self.out_dir:
+                        self._set_aside(bad)
+                if folder != self.out_dir:
+                    publish(self.out_dir, folder)  # repairs a publish cut short by a kill
+            self.last_checkpoint = (self.step, folder)
+            self.resumed_at = self.step
             log.info("resumed %s at step %d from %s", self.out_dir, self.step, folder)
             return True
         raise RunDirError(f"{self.out_dir}: no readable checkpoint ({'; '.join(problems)}); "
@@ -252,6 +294,18 @@ class Trainer:
         old.rename(aside)
         (self.out_dir / "checkpoint.json").unlink(missing_ok=True)
         log.warning("%s: starting over; the earlier run's checkpoints were moved to %s", self.out_dir, aside)
+
+    @staticmethod
+    def _set_aside(folder: Path) -> Path:
+        """Rename an unreadable checkpoint to ``unreadable-step-N`` (not listed, never pruned)."""
+        target = folder.with_name(f"unreadable-{folder.name}")
+        n = 1
+        while target.exists():
+            n += 1
+            target = folder.with_name(f"unreadable-{folder.name}-{n}")
+        folder.rename(target)
+        log.warning("%s: unreadable checkpoint renamed to %s (inspect or delete it)", folder, target)
+        return target
 
     def _check_fits(self, folder: Path) -> None:
         """The run's features must have the shape the checkpoint was trained on: say so before
@@ -322,13 +376,16 @@ class Trainer:
         record["val/samples"] = [{"image_id": i, "caption": c} for i, c in list(predictions.items())[:3]]
         return record
 
+    def _step_noise(self, ids: torch.Tensor, micro: int) -> StepNoise:
+        """The random draws of micro-batch ``micro`` (see diffusion/noise.py)."""
+        acc = self.accelerator
+        return StepNoise(self.cfg.train.seed, micro, k=self.cfg.diffusion.timesteps_per_caption,
+                         batch=ids.shape[0], rank=acc.process_index, world=acc.num_processes,
+                         device=ids.device, gather=acc.gather)
+
     def _losses(self, model, ids, feats, micro: int) -> dict:
         if self.is_diffusion:
-            acc = self.accelerator
-            noise = StepNoise(self.cfg.train.seed, micro, k=self.cfg.diffusion.timesteps_per_caption,
-                              batch=ids.shape[0], rank=acc.process_index, world=acc.num_processes,
-                              device=ids.device, gather=acc.gather)
-            return self.diffusion.training_losses(model, ids, feats, noise=noise)
+            return self.diffusion.training_losses(model, ids, feats, noise=self._step_noise(ids, micro))
         return model(ids, feats)  # through forward, so DDP synchronises the gradients
 
     def _scalars(self, terms: dict, index: torch.Tensor) -> dict[str, float]:
@@ -358,8 +415,8 @@ class Trainer:
         if self.accelerator.num_processes > 1:
             images = gather_object(images)
         images = list(dict.fromkeys(images))
-        saved = list_checkpoints(self.out_dir)
-        kept = f"the checkpoint of step {saved[-1][0]} is intact" if saved else "no checkpoint was written yet"
+        kept = (f"the checkpoint of step {self.last_checkpoint[0]} is intact ({self.last_checkpoint[1]})"
+                if self.last_checkpoint is not None else "no checkpoint was written yet")
         raise FloatingPointError(
             f"non-finite loss at step {self.step + 1} (batch of {len(local) * self.accelerator.num_processes} "
             f"captions from {self.cfg.data.captions}); non-finite for image {describe_ids(images)}; "
@@ -381,6 +438,7 @@ class Trainer:
             over = self.accelerator.reduce(over, "sum")
         return bool(over.item() > 0)
 
+    @_closing_outputs
     def train(self, resume: bool = True) -> dict:
         cfg = self.cfg.train
         if resume:
@@ -391,13 +449,13 @@ class Trainer:
         micro = self.step * cfg.grad_accum
         for _ in range(micro):  # skip what was already consumed
             next(batches)
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.accelerator.is_main_process),
+        bar = self._bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.accelerator.is_main_process),
                    desc="train", dynamic_ncols=True)
         start, last = time.time(), {}
         model = self.model.train()
         while self.step < cfg.steps:
             ids, feats, index = next(batches)
-            feats = add_feature_noise(feats, self.cfg.data.feature_noise_std)
+            feats = add_feature_noise(feats, self.cfg.data.feature_noise_std, lambda: self._step_noise(ids, micro))
             with self.accelerator.accumulate(model), self.accelerator.autocast():
                 terms = self._losses(model, ids, feats, micro)
                 micro += 1
@@ -428,7 +486,4 @@ class Trainer:
                 model.train()
             if done:
                 break
-        bar.close()
-        if self.writer is not None:
-            self.writer.close()
         return {"steps": self.step, "train_s": time.time() - start, **last}

@@ -308,19 +308,21 @@ class TextEncoder:
     """Sentences -> L2-normalised embeddings [N x D], by the CLIP text tower or a sentence-transformers model."""
 
     def __init__(self, encoder: str, *, kind: str | None = None, device: str | torch.device = "auto",
-                 batch_size: int = 256):
+                 batch_size: int = 256, dtype: str = "fp32"):
         self.encoder = resolve_encoder(encoder)
         self.kind = kind or text_encoder_kind(self.encoder)
         if self.kind not in ("clip-text", "sentence-transformers"):
             raise ValueError(f"text encoder kind {self.kind!r}: choose clip-text or sentence-transformers")
         self.device = pick_device(device) if isinstance(device, str) else device
         self.batch_size = batch_size
+        self.dtype = pick_dtype(dtype, self.device)
         try:
             if self.kind == "sentence-transformers":
                 from sentence_transformers import SentenceTransformer
 
                 with _quiet_transformers():
                     self.model = SentenceTransformer(self.encoder, device=str(self.device))
+                self.model.to(self.dtype)
             else:
                 from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
@@ -328,7 +330,7 @@ class TextEncoder:
                     self.tokenizer = AutoTokenizer.from_pretrained(self.encoder)
                     self.model = CLIPTextModelWithProjection.from_pretrained(
                         self.encoder, config=_tower_config(self.encoder, "text"))
-                self.model.to(self.device).eval().requires_grad_(False)
+                self.model.to(self.device, self.dtype).eval().requires_grad_(False)
         except ImportError as exc:
             raise ValueError(f"{self.encoder}: sentence-transformers is not installed "
                              "(pip install sentence-transformers)") from exc

@@ -28,6 +28,8 @@ class Layout:
 
     records: list[CaptionRecord]
     images: dict[str, Path]
+    captions_file: Path | None = None  # the file the captions were read from
+
 
     def captions_by_image(self) -> dict[str, list[CaptionRecord]]:
         """image id -> its records, in file order (caption #k of an image is the k-th)."""
@@ -90,13 +92,19 @@ def read_flickr8k(root: Path) -> Layout:
     test split), but at least one must be there. Without split lists, Karpathy's
     ``dataset_flickr8k.json`` is used if present.
     """
-    split_files = {s: root / f"Flickr_8k.{s}Images.txt" for s in FLICKR8K_SPLITS}
-    if not any(p.is_file() for p in split_files.values()):
+    captions_file = _first(root, ("captions.txt", "Flickr8k.token.txt", "Flickr8k_text/Flickr8k.token.txt"))
+    # The official Flickr8k_text.zip holds the token file and the split lists side by side.
+    split_dirs = list(dict.fromkeys([root] + ([captions_file.parent] if captions_file is not None else [])))
+    split_files: dict[str, Path] = {}
+    for folder in split_dirs:
+        split_files = {s: folder / f"Flickr_8k.{s}Images.txt" for s in FLICKR8K_SPLITS}
+        if any(p.is_file() for p in split_files.values()):
+            break
+    else:
         if (root / "dataset_flickr8k.json").is_file():
             return read_karpathy(root, "flickr8k")
-        raise DataError(f"{root}: no split lists Flickr_8k.{{train,dev,test}}Images.txt "
-                        "(nor Karpathy's dataset_flickr8k.json)")
-    captions_file = _first(root, ("captions.txt", "Flickr8k.token.txt", "Flickr8k_text/Flickr8k.token.txt"))
+        raise DataError(f"{' or '.join(map(str, split_dirs))}: no split lists Flickr_8k.{{train,dev,test}}Images.txt "
+                        f"(nor Karpathy's dataset_flickr8k.json in {root})")
     if captions_file is None:
         raise DataError(f"{root}: no captions.txt or Flickr8k.token.txt")
     if captions_file.name == "captions.txt":
@@ -118,7 +126,7 @@ def read_flickr8k(root: Path) -> Layout:
                         "named in the split lists")
     image_dir = _first(root, FLICKR8K_IMAGE_DIRS) or root / FLICKR8K_IMAGE_DIRS[0]
     images = {name: image_dir / name for name in dict.fromkeys(r.image_id for r in records)}
-    return Layout(records, images)
+    return Layout(records, images, captions_file)
 
 
 # ------------------------------------------------------------------------------------------------ Karpathy
@@ -161,7 +169,7 @@ def read_karpathy(root: Path, name: str) -> Layout:
         records += [CaptionRecord(image_id, s.strip(), split) for s in sentences if s.strip()]
     if not records:
         raise DataError(f"{path}: no captions")
-    return Layout(records, images)
+    return Layout(records, images, path)
 
 
 # ------------------------------------------------------------------------------------------------ folder
@@ -189,4 +197,4 @@ def read_folder(root: Path, *, captions: str | Path | None = None, val_fraction:
     records = [r if r.split else CaptionRecord(r.image_id, r.caption, _hash_split(r.image_id, val_fraction))
                for r in records]
     images = {i: root / i for i in dict.fromkeys(r.image_id for r in records)}
-    return Layout(records, images)
+    return Layout(records, images, captions)

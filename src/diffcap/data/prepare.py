@@ -29,6 +29,9 @@ from .layouts import Layout, read_layout
 
 log = logging.getLogger(__name__)
 
+CAPTIONS_FILE = "captions.jsonl"
+DEFAULT_SHARD_SIZE = 2048  # images per resumable shard
+
 
 def split_condition_caption(layout: Layout, k: int) -> tuple[dict[str, str], list[CaptionRecord]]:
     """(image id -> caption #k, the other captions as targets). Every image needs caption #k and at
@@ -45,18 +48,24 @@ def split_condition_caption(layout: Layout, k: int) -> tuple[dict[str, str], lis
 
 def prepare(layout_name: str, root: str | Path, out: str | Path, *, encoder: str = DEFAULT_ENCODER,
             captions: str | Path | None = None, condition: str = "image", text_encoder: str | None = None,
-            condition_caption: int = 0, patch_tokens: bool = False, batch_size: int = 64, shard_size: int = 2048,
-            device: str = "auto", dtype: str = "auto", workers: int = 0, skip_bad: bool = False,
-            progress: bool = True) -> dict:
+            condition_caption: int = 0, patch_tokens: bool = False, batch_size: int = 64,
+            shard_size: int | None = None, device: str = "auto", dtype: str = "auto", workers: int | None = None,
+            skip_bad: bool = False, progress: bool = True) -> dict:
     """Read ``layout_name`` from ``root`` and write the data directory ``out``; returns the summary
-    that is also written to ``OUT/prepare.json``."""
+    that is also written to ``OUT/prepare.json``.
+
+    ``patch_tokens``, ``shard_size`` (default 2048), ``workers`` (default 0) and ``skip_bad`` concern
+    images only: with ``condition="text"`` they are ignored, with a warning when given.
+    """
     out = Path(out)
     layout = read_layout(layout_name, root, captions=captions)
+    check_not_overwriting(layout_name, root, out, layout)
     summary: dict = {"layout": layout_name, "root": str(Path(root).resolve()), "condition": condition}
     if condition == "image":
         clip = ClipImageEncoder(encoder, device=device, dtype=dtype, patch_tokens=patch_tokens)
-        done = extract_image_features(layout.images, out, clip, batch_size=batch_size, shard_size=shard_size,
-                                      workers=workers, skip_bad=skip_bad, progress=progress)
+        done = extract_image_features(layout.images, out, clip, batch_size=batch_size,
+                                      shard_size=DEFAULT_SHARD_SIZE if shard_size is None else shard_size,
+                                      workers=0 if workers is None else workers, skip_bad=skip_bad, progress=progress)
         bad = {image_id for image_id, _ in done.bad}
         records = [r for r in layout.records if r.image_id not in bad]
         summary |= {"encoder": clip.model_id, "kind": "clip-image", "files": {k: str(v) for k, v in done.files.items()},
@@ -65,7 +74,12 @@ def prepare(layout_name: str, root: str | Path, out: str | Path, *, encoder: str
     elif condition == "text":
         if condition_caption < 0:
             raise ValueError(f"--condition-caption must be >= 0, got {condition_caption}")
-        text = TextEncoder(text_encoder or encoder, device=device)
+        given = [flag for flag, value in (("--patch-tokens", patch_tokens), ("--skip-bad", skip_bad),
+                                          ("--workers", workers is not None), ("--shard-size", shard_size is not None))
+                 if value]
+        if given:
+            log.warning("%s: image options only; ignored with --condition text", ", ".join(given))
+        text = TextEncoder(text_encoder or encoder, device=device, dtype=dtype, batch_size=batch_size)
         conditions, records = split_condition_caption(layout, condition_caption)
         write_text_features(out / FEATURES_FILE, conditions, text, progress=progress,
                             metadata={"condition": f"caption #{condition_caption}"})
@@ -73,13 +87,28 @@ def prepare(layout_name: str, root: str | Path, out: str | Path, *, encoder: str
                     "files": {"pooled": str(out / FEATURES_FILE)}}
     else:
         raise ValueError(f"condition {condition!r}: choose image or text")
-    write_captions(records, out / "captions.jsonl")
+    write_captions(records, out / CAPTIONS_FILE)
     per_split = Counter(r.split for r in records)
     images_per_split = Counter(split for split in {r.image_id: r.split for r in records}.values())
     summary |= {"captions": dict(per_split), "images": dict(images_per_split)}
     write_json(out / "prepare.json", summary)
     log.info("prepared %s: %s", out, summary)
     return summary
+
+
+def check_not_overwriting(layout_name: str, root: str | Path, out: Path, layout: Layout) -> None:
+    """prepare writes OUT/captions.jsonl: it must not be the file the captions are read from, and
+    with the folder layout OUT must not be the data set folder itself (whose captions.jsonl is the
+    source by default)."""
+    target = (out / CAPTIONS_FILE).resolve()
+    source = layout.captions_file
+    if source is not None and (target == source.resolve() or (target.exists() and target.samefile(source))):
+        raise DataError(f"--out {out}: would overwrite the source captions {source} with {out / CAPTIONS_FILE}; "
+                        "write the data directory elsewhere")
+    if layout_name == "folder" and out.resolve() == Path(root).resolve():
+        raise DataError(f"--out {out} is the data set folder --root {root}: prepare would write "
+                        f"{out / CAPTIONS_FILE} next to (or over) the source captions {source}; "
+                        "write the data directory elsewhere")
 
 
 def fetch_from_hub(name: str, root: str | Path, *, progress: bool = True) -> Path:

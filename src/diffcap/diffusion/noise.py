@@ -23,6 +23,7 @@ class StepNoise:
     def __init__(self, seed: int, step: int, *, k: int, batch: int, rank: int = 0, world: int = 1,
                  device: torch.device | str = "cpu", gather: Callable[[torch.Tensor], torch.Tensor] | None = None):
         key = int(np.random.SeedSequence([seed, step]).generate_state(1, np.uint64)[0]) >> 1
+        self.seed, self.step = seed, step
         self.k, self.batch, self.rank, self.world = k, batch, rank, world
         self.device = torch.device(device)
         self.cpu = torch.Generator().manual_seed(key)
@@ -53,6 +54,15 @@ class StepNoise:
     def multinomial(self, probs: torch.Tensor) -> torch.Tensor:
         """[K*B] indices drawn with replacement from ``probs``."""
         return self._local(torch.multinomial(probs.cpu(), self._n, replacement=True, generator=self.cpu))
+
+    def example_randn(self, *shape: int) -> torch.Tensor:
+        """[B x *shape] standard normal, one row per example (not per timestep): this process's rows
+        of a [world*B] draw. It comes from a stream of its own, keyed by (seed, step, 1), so it does
+        not shift the draws of the other methods (e.g. CapDec's noise on the conditions)."""
+        key = int(np.random.SeedSequence([self.seed, self.step, 1]).generate_state(1, np.uint64)[0]) >> 1
+        gen = torch.Generator(self.device).manual_seed(key)
+        full = torch.randn(self.world * self.batch, *shape, generator=gen, device=self.device)
+        return full[self.rank * self.batch:(self.rank + 1) * self.batch]
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """The [K*world*B] values of the global batch from every process's [K*B] rows, in the order
