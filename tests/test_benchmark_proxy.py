@@ -76,7 +76,8 @@ def test_end_to_end_all_methods(tmp_path, monkeypatch):
         assert {"latency_b1_s", "throughput_b64", "train_s", "params", "steps", "nfe"} <= r.keys()
         assert r["steps"] >= 1 and r["params"] > 0 and r["latency_b1_s"] > 0 and r["throughput_b64"] > 0
         assert r["train_s"] < 3.0 + 5.0  # 0.05 min budget (hard stop), plus the last step and the checkpoint
-    assert saved["diffusion"]["nfe"] == 2  # 2 DDIM steps, no guidance
+    assert saved["diffusion"]["nfe"] == 4  # 2 DDIM steps, each two evaluations with guidance
+    assert {"BLEU-4", "CIDEr"} <= saved["diffusion_without_collapse"].keys()
     assert 1 <= saved["autoregressive"]["nfe"] <= 20
     assert [row["steps"] for row in saved["diffusion_by_steps"]] == [2]
     assert saved["matmul_gflops"]["float32"] > 0 and saved["matmul_gflops"]["bfloat16"] > 0

@@ -8,7 +8,9 @@ from torch import nn
 
 from diffcap.config import DiffusionConfig, ModelConfig, SamplerConfig
 from diffcap.diffusion.diffusion import GaussianDiffusion
-from diffcap.diffusion.sampler import Sampler, ngram_f1, select_mbr, SampleOutput
+from diffcap.diffusion.sampler import (
+    Sampler, SampleOutput, collapse_repeats, expected_length_layout, ngram_f1, select_mbr,
+)
 from diffcap.diffusion.schedules import alpha_bar, make_betas
 from diffcap.models.embedding import TokenEmbedding
 
@@ -66,12 +68,14 @@ class OracleCaptioner(nn.Module):
     def encode_condition(self, features):
         return features[:, None].float()  # (B, 1)
 
-    def forward(self, x_t, t, cond, self_cond=None, drop_cond=None):
+    def forward(self, x_t, t, cond, self_cond=None, drop_cond=None, return_logits=False):
         x0 = self.embedding(self.ids[cond[:, 0].long()])
         # eps the oracle would predict so that to_x0 recovers x0 exactly
         if self.diffusion.cfg.objective == "eps":
-            return (x_t - self.diffusion.a[t][:, None, None] * x0) / self.diffusion.s[t][:, None, None]
-        return x0
+            out = (x_t - self.diffusion.a[t][:, None, None] * x0) / self.diffusion.s[t][:, None, None]
+        else:
+            out = x0
+        return (out, None) if return_logits else out
 
 
 @pytest.mark.parametrize("method,clamp,steps", [("ddim", False, 10), ("ddim", True, 3), ("ddpm", True, 50),
@@ -94,6 +98,24 @@ def test_oracle_eps_objective_with_ddim():
     assert torch.equal(sampler.sample(torch.arange(3), torch.Generator().manual_seed(0)).ids, ids)
 
 
+def test_time_offset_shifts_only_the_networks_time():
+    diffusion = GaussianDiffusion(DiffusionConfig(num_timesteps=1000))
+    ids = torch.randint(0, 12, (3, 5), generator=torch.Generator().manual_seed(4))
+    model = OracleCaptioner(ids, diffusion)
+    seen = []
+    oracle_forward = model.forward
+
+    def told_time(x_t, t, *args):
+        seen.append(t[0].item())
+        return oracle_forward(x_t, t, *args)
+
+    model.forward = told_time
+    sampler = Sampler(model, diffusion, SamplerConfig(method="ddim", steps=4, clamp=True, time_offset=100), seq_len=5)
+    assert torch.equal(sampler.sample(torch.arange(3), torch.Generator().manual_seed(0)).ids, ids)
+    # trailing spacing visits 999, 749, 499, 249; the network is told 100 more, capped at T-1
+    assert seen == [999, 849, 599, 349]
+
+
 def test_same_seed_same_samples_ddpm():
     diffusion = GaussianDiffusion(DiffusionConfig(num_timesteps=100))
     model = OracleCaptioner(torch.randint(0, 12, (2, 4)), diffusion)
@@ -111,6 +133,39 @@ def test_mbr_picks_the_consensus_sample():
     assert ngram_f1([1, 2], [1, 2]) == 1.0 and ngram_f1([1], [2]) == 0.0
 
 
+def test_collapse_repeats_keeps_order_and_pads():
+    ids = torch.tensor([[5, 5, 5, 6, 7, 7, 0, 0], [1, 2, 1, 2, 0, 0, 0, 0], [3, 3, 3, 3, 3, 3, 3, 3]])
+    assert collapse_repeats(ids, pad_id=0).tolist() == [[5, 6, 7, 0, 0, 0, 0, 0], [1, 2, 1, 2, 0, 0, 0, 0],
+                                                         [3, 0, 0, 0, 0, 0, 0, 0]]
+
+
+def test_expected_length_layout_counts_the_non_pad_mass():
+    # position-wise P(PAD) 0, 0.2, 0.6, 0.6, 0.7: expected words 1 + 0.8 + 0.4 + 0.4 + 0.3 = 2.9
+    p_pad = torch.tensor([[0.0, 0.2, 0.6, 0.6, 0.7], [1.0, 1.0, 1.0, 1.0, 1.0]])
+    probs = torch.stack([p_pad, 1 - p_pad], dim=-1)  # column 0 is PAD
+    layout = expected_length_layout(probs.clamp_min(1e-9).log(), torch.tensor(0))
+    # per-position argmax would keep 2 words; the expected length is 3; an all-PAD row keeps one word
+    assert layout.tolist() == [[True, True, True, False, False], [True, False, False, False, False]]
+
+
+def test_rounding_within_a_layout_keeps_pad_out_of_words_and_in_the_tail():
+    emb = TokenEmbedding(vocab_size=6, dim=4)
+    x = emb(torch.tensor([[0, 3, 0, 4]]))  # PAD where a word must go, and a word in the tail
+    content = torch.tensor([[True, True, True, False]])
+    ids = emb.nearest(x, content, pad_id=0)[0].tolist()
+    assert ids[1] == 3 and ids[0] != 0 and ids[2] != 0 and ids[3] == 0
+    assert torch.equal(emb.clamp(x, content, 0), emb.table()[emb.nearest(x, content, 0)])
+
+
+@pytest.mark.parametrize("clamp", [True, False])
+def test_oracle_sampler_with_expected_length_recovers_padded_ids(clamp):
+    diffusion = GaussianDiffusion(DiffusionConfig(num_timesteps=1000))
+    ids = torch.tensor([[3, 4, 5, 0, 0, 0], [6, 7, 8, 9, 10, 0], [11, 0, 0, 0, 0, 0]])
+    model = OracleCaptioner(ids, diffusion, dim=16)
+    sampler = Sampler(model, diffusion, SamplerConfig(method="ddim", steps=5, clamp=clamp, length="expected"), seq_len=6)
+    assert torch.equal(sampler.sample(torch.arange(3), torch.Generator().manual_seed(0)).ids, ids)
+
+
 def test_rounding_is_restricted_to_allowed_tokens():
     emb = TokenEmbedding(vocab_size=10, dim=4)
     x = emb(torch.arange(10))[None]  # every row exactly
@@ -121,18 +176,23 @@ def test_rounding_is_restricted_to_allowed_tokens():
     assert torch.equal(emb.clamp(x), emb.table()[emb.nearest(x)])
 
 
-def test_score_interpolation_logits_cover_only_allowed_tokens():
+@pytest.mark.parametrize("head", ["separate", "tied"])
+def test_score_interpolation_logits_cover_only_allowed_tokens(head):
     from diffcap.models.captioner import DiffusionCaptioner
 
     cfg = ModelConfig(d_model=32, n_layers=1, n_heads=2, emb_dim=8, score_interpolation=True, cond_dim=4,
-                      cond_tokens=1, self_condition=False)
+                      cond_tokens=1, self_condition=False, score_head=head)
     model = DiffusionCaptioner(cfg, vocab_size=12, seq_len=5).eval()
     model.embedding.restrict_to(torch.tensor([2, 3, 4]), always=(0,))
     diffusion = GaussianDiffusion(DiffusionConfig(num_timesteps=50))
     x_t, t, cond = torch.randn(2, 5, 8), torch.tensor([3, 40]), torch.randn(2, 1, 4)
     out, logits = model(x_t, t, cond, return_logits=True)
     assert logits.shape == (2, 5, 4)  # tokens 0, 2, 3, 4 only
-    assert torch.allclose(out, logits.softmax(-1) @ model.embedding.table()[[0, 2, 3, 4]], atol=1e-5)
+    rows = model.embedding.table()[[0, 2, 3, 4]]
+    assert torch.allclose(out, logits.softmax(-1) @ rows, atol=1e-5)
+    if head == "tied":  # scored against the table like the rounding head; no vocabulary-wide layer
+        assert model.denoiser.out_proj.out_features == 8
+        assert torch.allclose(logits, model.denoiser(x_t, t, cond) @ rows.t(), atol=1e-5)
     assert model.embedding.allowed_position(torch.tensor([0, 1, 4, 7])).tolist() == [0, -100, 3, -100]
     assert torch.allclose(model(x_t, t, cond), out)
     # a caption with a token outside the allowed set (validation data) still has a finite loss

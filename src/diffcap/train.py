@@ -6,7 +6,6 @@ GaussianDiffusion and the captions from CaptionPipeline.
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -151,25 +150,6 @@ def ema_avg_fn(decay: float):
 _UNREADABLE = (RunDirError, SafetensorError, OSError, KeyError, json.JSONDecodeError)
 
 
-def _closing_outputs(train):
-    """Wrap Trainer.train so that its progress bar and TensorBoard writer are closed however it
-    ends, an exception included (try/finally around the whole of train)."""
-
-    @functools.wraps(train)
-    def wrapper(self: Trainer, *args, **kwargs):
-        try:
-            return train(self, *args, **kwargs)
-        finally:
-            if self._bar is not None:
-                self._bar.close()
-                self._bar = None
-            if self.writer is not None:
-                self.writer.close()
-                self.writer = None
-
-    return wrapper
-
-
 class Trainer:
     def __init__(self, cfg: Config, out_dir: str | Path, data: TrainingData | None = None):
         self.cfg = cfg
@@ -200,7 +180,6 @@ class Trainer:
         self.step = 0
         self.log_path = self.out_dir / "logs" / "train.jsonl"
         self.writer = None
-        self._bar = None  # the progress bar of train()
         self.last_checkpoint: tuple[int, Path] | None = None  # (step, folder) resumed from or last written
         self.resumed_at: int | None = None  # the step resume() restored, if it did
 
@@ -438,52 +417,59 @@ class Trainer:
             over = self.accelerator.reduce(over, "sum")
         return bool(over.item() > 0)
 
-    @_closing_outputs
     def train(self, resume: bool = True) -> dict:
         cfg = self.cfg.train
-        if resume:
-            self.resume()
-        else:
-            self._set_aside_old_checkpoints()
-        batches = self._batches()
-        micro = self.step * cfg.grad_accum
-        for _ in range(micro):  # skip what was already consumed
-            next(batches)
-        bar = self._bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.accelerator.is_main_process),
-                   desc="train", dynamic_ncols=True)
-        start, last = time.time(), {}
-        model = self.model.train()
-        while self.step < cfg.steps:
-            ids, feats, index = next(batches)
-            feats = add_feature_noise(feats, self.cfg.data.feature_noise_std, lambda: self._step_noise(ids, micro))
-            with self.accelerator.accumulate(model), self.accelerator.autocast():
-                terms = self._losses(model, ids, feats, micro)
-                micro += 1
-                # Checked before the update, so the last checkpoint stays good.
-                scalars = self._scalars(terms, index)
-                self.accelerator.backward(terms["loss"])
-                if self.accelerator.sync_gradients and cfg.grad_clip > 0:
-                    self.accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-            if not self.accelerator.sync_gradients:
-                continue
-            self.scheduler.step()
-            self.ema.update_parameters(self.accelerator.unwrap_model(model))
-            self.step += 1
-            bar.update(1)
-            last = scalars
-            # the last step: the planned one, or the first past train.time_budget_s (then it saves and stops)
-            done = self.step == cfg.steps or self._over_budget(start)
-            if self.step % cfg.log_every == 0 or done:
-                bar.set_postfix(loss=f"{last['loss']:.3f}")
-                self._log({"step": self.step, "lr": self.scheduler.get_last_lr()[0],
-                           "elapsed_s": time.time() - start, **{f"train/{k}": v for k, v in last.items()}})
-            if self.step % cfg.save_every == 0 or done:  # before validation, so an error there costs no work
-                self.save()
-            if cfg.eval_every and (self.step % cfg.eval_every == 0 or done) and self.accelerator.is_main_process:
-                self._log({"step": self.step, **self.validate()})
-                model.train()
-            if done:
-                break
-        return {"steps": self.step, "train_s": time.time() - start, **last}
+        bar = None
+        try:
+            if resume:
+                self.resume()
+            else:
+                self._set_aside_old_checkpoints()
+            batches = self._batches()
+            micro = self.step * cfg.grad_accum
+            for _ in range(micro):  # skip what was already consumed
+                next(batches)
+            bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.accelerator.is_main_process),
+                       desc="train", dynamic_ncols=True)
+            start, last = time.time(), {}
+            model = self.model.train()
+            while self.step < cfg.steps:
+                ids, feats, index = next(batches)
+                feats = add_feature_noise(feats, self.cfg.data.feature_noise_std, lambda: self._step_noise(ids, micro))
+                with self.accelerator.accumulate(model), self.accelerator.autocast():
+                    terms = self._losses(model, ids, feats, micro)
+                    micro += 1
+                    # Checked before the update, so the last checkpoint stays good.
+                    scalars = self._scalars(terms, index)
+                    self.accelerator.backward(terms["loss"])
+                    if self.accelerator.sync_gradients and cfg.grad_clip > 0:
+                        self.accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                if not self.accelerator.sync_gradients:
+                    continue
+                self.scheduler.step()
+                self.ema.update_parameters(self.accelerator.unwrap_model(model))
+                self.step += 1
+                bar.update(1)
+                last = scalars
+                # the last step: the planned one, or the first past train.time_budget_s (then it saves and stops)
+                done = self.step == cfg.steps or self._over_budget(start)
+                if self.step % cfg.log_every == 0 or done:
+                    bar.set_postfix(loss=f"{last['loss']:.3f}")
+                    self._log({"step": self.step, "lr": self.scheduler.get_last_lr()[0],
+                               "elapsed_s": time.time() - start, **{f"train/{k}": v for k, v in last.items()}})
+                if self.step % cfg.save_every == 0 or done:  # before validation, so an error there costs no work
+                    self.save()
+                if cfg.eval_every and (self.step % cfg.eval_every == 0 or done) and self.accelerator.is_main_process:
+                    self._log({"step": self.step, **self.validate()})
+                    model.train()
+                if done:
+                    break
+            return {"steps": self.step, "train_s": time.time() - start, **last}
+        finally:  # however training ends, an exception included
+            if bar is not None:
+                bar.close()
+            if self.writer is not None:
+                self.writer.close()
+                self.writer = None

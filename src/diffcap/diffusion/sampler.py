@@ -60,27 +60,37 @@ class Sampler:
             raise ValueError("sampler.classifier_scale > 0 needs a guidance classifier")
         self.classifier = classifier
 
-    def _x0(self, x_t, t, cond, self_cond):
-        x0 = self._x0_model(x_t, t, cond, self_cond)
+    def _x0(self, x_t, t, cond, self_cond, want_logits: bool = False):
+        x0, logits = self._x0_model(x_t, t, cond, self_cond, want_logits)
         if self.cfg.classifier_scale > 0:
             tt = torch.full((x_t.shape[0],), int(t), device=x_t.device, dtype=torch.long)
             x0 = x0 + self.cfg.classifier_scale * classifier_shift(self.classifier, self.diffusion.alpha_bar,
                                                                    x_t, tt, cond)
-        return x0
+        if want_logits and logits is None:  # the tied rounding head on the x0 estimate
+            logits = self.model.embedding.logits(x0)
+        return x0, logits
 
-    def _x0_model(self, x_t, t, cond, self_cond):
-        """One network evaluation (two with guidance) -> x0 estimate [B x L x D]."""
+    def _x0_model(self, x_t, t, cond, self_cond, want_logits: bool = False):
+        """One network evaluation (two with guidance) -> (x0 estimate [B x L x D], the network's own
+        rounding logits [B x L x A] when asked for and it has them (score interpolation), else None)."""
         batch = x_t.shape[0]
         tt = torch.full((batch,), int(t), device=x_t.device, dtype=torch.long)
+        # the time the network is told (asymmetric time intervals); the objective converts at the true t
+        t_net = tt.add(self.cfg.time_offset).clamp(max=self.diffusion.num_timesteps - 1)
+        extra = {"return_logits": True} if want_logits else {}
         scale = self.cfg.guidance_scale
         if scale == 1.0:
-            out = self.model(x_t, tt, cond, self_cond, None)
-            return self.diffusion.predict_x0(out, x_t, tt)
+            out = self.model(x_t, t_net, cond, self_cond, None, **extra)
+            out, logits = out if want_logits else (out, None)
+            return self.diffusion.predict_x0(out, x_t, tt), logits
         two = lambda z: None if z is None else torch.cat([z, z])  # noqa: E731
         drop = torch.cat([torch.zeros(batch, dtype=torch.bool), torch.ones(batch, dtype=torch.bool)]).to(x_t.device)
-        out = self.model(two(x_t), torch.cat([tt, tt]), two(cond), two(self_cond), drop)
+        out = self.model(two(x_t), two(t_net), two(cond), two(self_cond), drop, **extra)
+        out, logits = out if want_logits else (out, None)
         x0 = self.diffusion.predict_x0(out, two(x_t), torch.cat([tt, tt]))
-        return guide(x0[:batch], x0[batch:], scale)
+        if logits is not None:
+            logits = guide(logits[:batch], logits[batch:], scale)
+        return guide(x0[:batch], x0[batch:], scale), logits
 
     @torch.no_grad()
     def sample(self, features: torch.Tensor, generator: torch.Generator | None = None,
@@ -92,6 +102,8 @@ class Sampler:
         if k > 1:
             cond = cond.repeat_interleave(k, dim=0)
         out = self._loop(cond, generator, trajectory)
+        if self.cfg.collapse_repeats:
+            out.ids = collapse_repeats(out.ids, self.pad_id)
         if k > 1:
             out = select_mbr(out, k, self.pad_id)
         return out
@@ -104,19 +116,47 @@ class Sampler:
         self_cond = torch.zeros_like(x) if self.model.cfg.self_condition else None
         traj: list[tuple[int, torch.Tensor]] = []
         x0 = x
+        content = None  # the caption layout [B x L] once sampler.length = "expected" has fixed it
         for t in scheduler.timesteps:
-            x0 = self._x0(x, t, cond, self_cond)
+            fix_length = self.cfg.length == "expected" and content is None
+            x0, logits = self._x0(x, t, cond, self_cond, want_logits=fix_length)
+            if fix_length:
+                content = expected_length_layout(logits, emb.allowed_position(torch.tensor(self.pad_id)))
             if self_cond is not None:
                 self_cond = x0
             if self.cfg.clamp:
-                x0 = emb.clamp(x0)
+                x0 = emb.clamp(x0, content, self.pad_id)
+            elif content is not None:  # without clamping only the padding is fixed
+                x0 = torch.where(content[..., None], x0, emb(torch.full_like(content, self.pad_id, dtype=torch.long)))
             if want_trajectory:
-                traj.append((int(t), emb.nearest(x0).cpu()))
+                traj.append((int(t), emb.nearest(x0, content, self.pad_id).cpu()))
             if self.cfg.method == "refine":
                 x = x0  # the seed's loop: feed the estimate back in, never re-noise
             else:
                 x = scheduler.step(x0, t, x, generator=generator).prev_sample
-        return SampleOutput(ids=emb.nearest(x0), trajectory=traj)
+        return SampleOutput(ids=emb.nearest(x0, content, self.pad_id), trajectory=traj)
+
+
+def expected_length_layout(logits: torch.Tensor, pad_column: torch.Tensor) -> torch.Tensor:
+    """[B x L x A] rounding logits -> layout [B x L], True for the first n positions, where n is the
+    expected number of non-PAD positions, sum_i (1 - P_i(PAD)), rounded, at least 1."""
+    p_pad = logits.float().softmax(dim=-1)[..., int(pad_column)]
+    n = (1 - p_pad).sum(dim=-1).round().clamp(min=1)
+    return torch.arange(logits.shape[1], device=logits.device)[None] < n[:, None]
+
+
+def collapse_repeats(ids: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
+    """[B x L] ids with every token equal to its left neighbour removed, the rest moved left and padded.
+
+    Works on WordPiece ids, so repeated pieces go too ("skate ##board ##board" -> "skate ##board").
+    """
+    repeat = torch.zeros_like(ids, dtype=torch.bool)
+    repeat[:, 1:] = (ids[:, 1:] == ids[:, :-1]) & (ids[:, 1:] != pad_id)
+    out = torch.full_like(ids, pad_id)
+    for row, (tokens, drop) in enumerate(zip(ids, repeat)):
+        kept = tokens[~drop]
+        out[row, :len(kept)] = kept
+    return out
 
 
 def _ngrams(ids: list[int], n: int) -> dict[tuple[int, ...], int]:

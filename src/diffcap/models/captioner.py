@@ -44,7 +44,7 @@ class DiffusionCaptioner(nn.Module):
             d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads, dropout=cfg.dropout,
             fusion=cfg.fusion, self_condition=cfg.self_condition, time_embedding=cfg.time_embedding,
             backbone=cfg.backbone if pretrained else None, body_config=backbone_config,
-            out_dim=vocab_size if cfg.score_interpolation else None,
+            out_dim=vocab_size if cfg.score_interpolation and cfg.score_head == "separate" else None,
         )
         cfg.d_model = self.denoiser.d_model
 
@@ -69,9 +69,13 @@ class DiffusionCaptioner(nn.Module):
         # CDCD: x0_hat is the expected embedding under the predicted token distribution. Only the
         # tokens rounding may produce get a logit: with WordPiece that is a few thousand of 30,522
         # rows, and the head is the largest matmul of the step.
-        h = self.denoiser(x_t, t, cond, self_cond=self_cond, drop_cond=drop_cond, project=False)
         ids, rows = self.embedding.allowed_rows()
-        head = self.denoiser.out_proj
-        logits = nn.functional.linear(h, head.weight[ids], head.bias[ids]).float()  # (B, L, A)
+        if self.cfg.score_head == "tied":
+            out = self.denoiser(x_t, t, cond, self_cond=self_cond, drop_cond=drop_cond)  # (B, L, D)
+            logits = (out @ rows.to(out.dtype).t()).float()
+        else:
+            h = self.denoiser(x_t, t, cond, self_cond=self_cond, drop_cond=drop_cond, project=False)
+            head = self.denoiser.out_proj
+            logits = nn.functional.linear(h, head.weight[ids], head.bias[ids]).float()  # (B, L, A)
         out = logits.softmax(dim=-1) @ rows
         return (out, logits) if return_logits else out

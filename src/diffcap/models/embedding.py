@@ -89,18 +89,25 @@ class TokenEmbedding(nn.Module):
         ids = self.allowed.nonzero().squeeze(1)
         return ids, self._normalized(self.weight[ids])
 
-    def _nearest(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _nearest(self, x: torch.Tensor, content: torch.Tensor | None = None,
+                 pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ids, rows, best): the allowed rows and, per vector, the index of the nearest one in L2
-        distance: argmin ||x - e||^2 = argmax (2 x.e - ||e||^2)."""
+        distance: argmin ||x - e||^2 = argmax (2 x.e - ||e||^2). With a layout ``content`` [B x L]
+        (True: a word, False: padding), content positions never round to ``pad_id`` and the others
+        always do."""
         ids, rows = self.allowed_rows()
-        return ids, rows, (2 * x @ rows.t() - rows.pow(2).sum(-1)).argmax(dim=-1)
+        score = 2 * x @ rows.t() - rows.pow(2).sum(-1)
+        if content is not None:
+            pad = ids == pad_id
+            score = score.masked_fill(content[..., None] == pad, float("-inf"))
+        return ids, rows, score.argmax(dim=-1)
 
-    def nearest(self, x: torch.Tensor) -> torch.Tensor:
-        """Ids of the nearest allowed rows."""
-        ids, _, best = self._nearest(x)
+    def nearest(self, x: torch.Tensor, content: torch.Tensor | None = None, pad_id: int = 0) -> torch.Tensor:
+        """Ids of the nearest allowed rows (within a layout, see :meth:`_nearest`)."""
+        ids, _, best = self._nearest(x, content, pad_id)
         return ids[best]
 
-    def clamp(self, x: torch.Tensor) -> torch.Tensor:
+    def clamp(self, x: torch.Tensor, content: torch.Tensor | None = None, pad_id: int = 0) -> torch.Tensor:
         """Diffusion-LM's clamping trick: replace each vector by its nearest embedding."""
-        _, rows, best = self._nearest(x)
+        _, rows, best = self._nearest(x, content, pad_id)
         return rows[best]

@@ -1,0 +1,79 @@
+"""Score one trained proxy run (benchmarks/flickr8k_proxy.py) under several sampler settings.
+
+Sampling settings need no retraining, so they are compared on one run: each ``--variant`` is a list of
+``key=value`` sampler overrides (steps, method, clamp, guidance_scale, mbr, time_offset,
+collapse_repeats, ...), and every variant captions the same images with the same seed. Prints one JSON
+line per variant and writes them all to ``--out``::
+
+    python benchmarks/proxy_sampler_options.py --run WORK/runs/diffusion --data /path/to/flickr8k \\
+        --work WORK --split dev --max-images 300 --out sampler_options.json \\
+        --variant steps=5 --variant steps=5 collapse_repeats=true --variant steps=20 method=ddpm
+
+The features come from the benchmark's cache in ``--work`` (the same folder the benchmark used).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from diffcap.io import write_json
+from diffcap.pipeline import CaptionPipeline
+
+
+def load_proxy():
+    spec = importlib.util.spec_from_file_location("flickr8k_proxy", Path(__file__).with_name("flickr8k_proxy.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def parse_variant(items: list[str]) -> dict:
+    overrides = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"error: sampler override {item!r} must look like key=value")
+        key, raw = item.split("=", 1)
+        overrides[key] = yaml.safe_load(raw)
+    return overrides
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, type=Path, help="a diffusion run directory of the proxy benchmark")
+    p.add_argument("--data", required=True, type=Path, help="the Flickr8k folder the benchmark read")
+    p.add_argument("--work", required=True, type=Path, help="the benchmark's --work folder (feature cache)")
+    p.add_argument("--split", default="dev")
+    p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--variant", nargs="+", action="append", required=True, metavar="KEY=VALUE")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+
+    proxy = load_proxy()
+    ev = proxy.load_split_set(args.data, args.split, args.work, proxy.LazyEncoder(proxy.minilm_dir()), args.max_images)
+    pipe = CaptionPipeline.from_pretrained(args.run)
+    rows = []
+    for items in args.variant:
+        overrides = parse_variant(items)
+        start = time.perf_counter()
+        texts = pipe(ev.features, batch_size=proxy.THROUGHPUT_BATCH, **overrides).texts
+        seconds = time.perf_counter() - start
+        predictions = dict(zip(ev.image_ids, texts))
+        metrics = proxy.score(predictions, ev.references)
+        row = {"sampler": overrides, **{k: metrics[k] for k in ("CIDEr", "BLEU-4", "METEOR", "ROUGE_L")},
+               "n_images": len(texts), "captioning_s": seconds, "samples": texts[:3]}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    if args.out:
+        write_json(args.out, {"run": str(args.run), "split": args.split, "variants": rows})
+    return rows
+
+
+if __name__ == "__main__":
+    main()
