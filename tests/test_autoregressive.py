@@ -145,3 +145,5 @@ def test_overfits_eight_captions():
     # greedy stops once every caption has ended: the longest has 8 words, so 1 prefill + 8 steps
     assert model.last_nfe == int((ids != tokenizer.pad_id).sum(dim=1).max()) + 1
     assert torch.equal(model.generate(feats, beam_size=3, **kw), ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what sampler.precision = "bf16" runs it under
+        assert torch.equal(model.generate(feats, **kw), ids)

@@ -44,7 +44,9 @@ def test_score_interpolation_overfits_with_cross_entropy_only(feature_data, tmp_
     assert logits.shape[-1] == len(ids) < model.embedding.weight.shape[0]  # no [UNK], [BOS], ...
     assert torch.allclose(out, logits.softmax(-1) @ rows, atol=1e-5)  # x0_hat is a mix of allowed rows
     pipe = CaptionPipeline.from_pretrained(tmp_path / "run")
-    assert pipe(_features(feature_data, [f"img{i}" for i in range(8)]), seed=0).texts == CAPTIONS
+    feats = _features(feature_data, [f"img{i}" for i in range(8)])
+    assert pipe(feats, seed=0).texts == CAPTIONS
+    assert pipe(feats, seed=0, precision="bf16").texts == CAPTIONS  # the matmuls in bfloat16 (autocast)
 
 
 def test_saved_run_rebuilds_identical_samples(feature_data, tmp_path):

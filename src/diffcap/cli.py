@@ -108,7 +108,7 @@ def cmd_sweep(args) -> None:
 
 def _sampler_overrides(args) -> dict:
     names = {"steps": "steps", "method": "method", "guidance": "guidance_scale", "mbr": "mbr", "beam": "beam_size",
-             "time_offset": "time_offset", "length": "length",
+             "time_offset": "time_offset", "length": "length", "precision": "precision",
              "classifier_scale": "classifier_scale", "classifier_path": "classifier_path"}
     overrides = {field: getattr(args, flag) for flag, field in names.items() if getattr(args, flag, None) is not None}
     if getattr(args, "collapse_repeats", False):
@@ -125,6 +125,7 @@ def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mbr", type=int, help="minimum Bayes risk over this many samples")
     p.add_argument("--time-offset", type=int, help="asymmetric time intervals: timesteps added to the network's t")
     p.add_argument("--length", choices=["free", "expected"], help="caption length rule of the diffusion sampler")
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="matmul precision while captioning")
     p.add_argument("--collapse-repeats", action="store_true",
                    help="drop tokens that repeat their left neighbour (non-autoregressive post-processing)")
     p.add_argument("--beam", type=int, help="beam size of an autoregressive run (1 = greedy)")

@@ -121,6 +121,9 @@ class SamplerConfig:
     length: str = "free"
     seed: int = 0
     beam_size: int = 1  # autoregressive model: 1 = greedy
+    # Matmuls in bfloat16 (torch.autocast) while captioning, for both model kinds: on CPUs with bf16
+    # instructions (AVX512-BF16, AMX) and on GPUs they run several times faster than fp32.
+    precision: str = "fp32"
 
 
 @dataclass
@@ -246,6 +249,7 @@ _CHOICES = {
     ("diffusion", "timestep_sampler"): ("uniform", "loss_aware", "warped"),
     ("sampler", "method"): ("ddim", "ddpm", "refine"),
     ("sampler", "length"): ("free", "expected"),
+    ("sampler", "precision"): ("fp32", "bf16"),
     ("train", "lr_schedule"): ("linear", "cosine", "constant"),
     ("train", "mixed_precision"): ("no", "bf16", "fp16"),
 }

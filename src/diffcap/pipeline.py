@@ -65,10 +65,16 @@ class CaptionPipeline:
     def __call__(self, features: torch.Tensor, *, seed: int | None = None, batch_size: int = 64,
                  trajectory: bool = False, **sampler_overrides) -> Captions:
         """Caption a batch of features [N x ...]. ``sampler_overrides`` (steps=, method=, guidance_scale=,
-        classifier_scale=, clamp=, mbr=) change the run's sampler settings for this call only."""
+        classifier_scale=, clamp=, mbr=, precision=, ...) change the run's sampler settings for this call only."""
         self.check_features(features)
-        if self.cfg.model.kind == "autoregressive":
-            return self._generate_autoregressive(features, batch_size, **sampler_overrides)
+        precision = sampler_overrides.get("precision", self.cfg.sampler.precision)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            if self.cfg.model.kind == "autoregressive":
+                return self._generate_autoregressive(features, batch_size, **sampler_overrides)
+            return self._sample_diffusion(features, seed, batch_size, trajectory, sampler_overrides)
+
+    def _sample_diffusion(self, features: torch.Tensor, seed: int | None, batch_size: int, trajectory: bool,
+                          sampler_overrides: dict) -> Captions:
         sampler_cfg: SamplerConfig = dataclasses.replace(self.cfg.sampler, **sampler_overrides)
         classifier = self.classifier(sampler_cfg.classifier_path) if sampler_cfg.classifier_scale > 0 else None
         sampler = Sampler(self.model, self.diffusion, sampler_cfg, self.cfg.text.max_length, self.tokenizer.pad_id,

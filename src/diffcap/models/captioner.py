@@ -6,7 +6,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .denoiser import TransformerDenoiser
-from .embedding import TokenEmbedding, load_pretrained_embeddings
+from .embedding import TokenEmbedding, cached_while_unchanged, load_pretrained_embeddings
 from .image_encoder import ConvImageEncoder
 
 
@@ -34,6 +34,7 @@ class DiffusionCaptioner(nn.Module):
             cfg.emb_dim = table.shape[1]
             self.embedding = TokenEmbedding(vocab_size=vocab_size, dim=table.shape[1], normalize=cfg.emb_normalize,
                                             scale=cfg.emb_scale, trainable=False, init=table)
+        self._head_cache = None  # the score head's allowed rows while sampling (cached_while_unchanged)
         self.image_encoder = ConvImageEncoder() if cfg.image_encoder == "cnn" else None
         if self.image_encoder is not None:
             cfg.cond_dim, cfg.cond_tokens = self.image_encoder.out_dim, self.image_encoder.pos.shape[1]
@@ -76,6 +77,8 @@ class DiffusionCaptioner(nn.Module):
         else:
             h = self.denoiser(x_t, t, cond, self_cond=self_cond, drop_cond=drop_cond, project=False)
             head = self.denoiser.out_proj
-            logits = nn.functional.linear(h, head.weight[ids], head.bias[ids]).float()  # (B, L, A)
+            weight, bias = cached_while_unchanged(self, "_head_cache", (head.weight, head.bias, self.embedding.allowed),
+                                                  lambda: (head.weight[ids], head.bias[ids]))
+            logits = nn.functional.linear(h, weight, bias).float()  # (B, L, A)
         out = logits.softmax(dim=-1) @ rows
         return (out, logits) if return_logits else out

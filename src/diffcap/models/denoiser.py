@@ -114,5 +114,5 @@ class TransformerDenoiser(nn.Module):
         else:
             h = torch.cat([h + self.segment.weight[0], c + self.segment.weight[1]], dim=1)
         h = self.body(inputs_embeds=h).last_hidden_state
-        h = h[:, :seq_len]
+        h = h[:, :seq_len].contiguous()  # a sliced view would make the heads broadcast their weights (bmm)
         return self.out_proj(h) if project else h

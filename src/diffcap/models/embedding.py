@@ -22,6 +22,25 @@ def load_pretrained_embeddings(name_or_path: str) -> torch.Tensor:
     return model.get_input_embeddings().weight.detach().clone()
 
 
+def cached_while_unchanged(owner: nn.Module, slot: str, sources: tuple[torch.Tensor, ...], compute):
+    """``compute()``, reused while none of ``sources`` has changed, when no gradient is being recorded.
+
+    Sampling calls the rounding rows and the score head (gathers of a few thousand rows out of 30,522)
+    at every step with the same weights; recomputing them was a quarter of a batch-1 caption's time.
+    A tensor's ``_version`` counts its in-place changes (optimizer steps, ``load_state_dict``, EMA
+    updates), so it tells when the weights moved. With autograd on, the result must carry this
+    forward's graph, so it is never reused then.
+    """
+    if torch.is_grad_enabled():
+        return compute()
+    key = tuple((t.data_ptr(), t._version, t.device) for t in sources)
+    cached = getattr(owner, slot)
+    if cached is None or cached[0] != key:
+        cached = (key, compute())
+        setattr(owner, slot, cached)
+    return cached[1]
+
+
 class TokenEmbedding(nn.Module):
     """Maps ids to x0 in embedding space and x0 back to rounding logits and nearest ids.
 
@@ -46,6 +65,7 @@ class TokenEmbedding(nn.Module):
         # their initial values and lie all over the space (30,522 WordPiece rows against a few thousand
         # used ones), so snapping to them turns captions into "[unused5]" (BENCHMARKS.md, Flickr8k proxy).
         self.register_buffer("allowed", torch.ones(vocab_size, dtype=torch.bool))
+        self._rows_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def restrict_to(self, ids: torch.Tensor, always: tuple[int, ...] = ()) -> None:
         """Allow rounding only to the tokens in ``ids`` (e.g. the training captions) and ``always``."""
@@ -86,6 +106,9 @@ class TokenEmbedding(nn.Module):
     def allowed_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, rows) of the tokens rounding may produce. Searching these only, rather than masking a
         score over the whole table, matters with WordPiece: a few thousand caption tokens of 30,522."""
+        return cached_while_unchanged(self, "_rows_cache", (self.weight, self.allowed), self._allowed_rows)
+
+    def _allowed_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         ids = self.allowed.nonzero().squeeze(1)
         return ids, self._normalized(self.weight[ids])
 
