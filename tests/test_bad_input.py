@@ -113,7 +113,23 @@ def _digest(folder):
     return {p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_nan_loss_stops_with_step_and_images_and_keeps_the_checkpoint(feature_data, tmp_path):
+def test_nan_loss_stops_with_step_and_images_and_keeps_the_checkpoint(feature_data, tmp_path, monkeypatch):
+    import diffcap.train
+    from tqdm.auto import tqdm
+
+    bars = []
+
+    class RecordedBar(tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.closed_by_train = False
+            bars.append(self)
+
+        def close(self):
+            self.closed_by_train = True
+            super().close()
+
+    monkeypatch.setattr(diffcap.train, "tqdm", RecordedBar)
     run = tmp_path / "run"
     cfg = small_config(feature_data, steps=10)
     cfg.train.save_every, cfg.train.log_every = 4, 1
@@ -125,7 +141,8 @@ def test_nan_loss_stops_with_step_and_images_and_keeps_the_checkpoint(feature_da
         terms = real(model, ids, feats, **kw)
         calls.append(1)
         if len(calls) == 6:
-            open_outputs.extend([trainer.writer, trainer._bar])  # step 6: one caption's loss becomes NaN, as from a bad example
+            # step 6: one caption's loss becomes NaN, as from a bad example
+            open_outputs.extend([trainer.writer, bars[-1].closed_by_train])
             per = terms["per_sample"].clone()
             per[3] = float("nan")
             terms["per_sample"] = per
@@ -139,9 +156,9 @@ def test_nan_loss_stops_with_step_and_images_and_keeps_the_checkpoint(feature_da
     assert "non-finite loss at step 6" in message and "captions.jsonl" in message
     assert re.search(r"non-finite for image 1 id\(s\): 'img\d'", message)
     assert f"the checkpoint of step 4 is intact ({run / 'checkpoints' / 'step-000004'})" in message
-    writer, bar = open_outputs  # open when the error struck, closed on the way out
-    assert writer is not None and writer.all_writers is None
-    assert bar is not None and trainer._bar is None and trainer.writer is None
+    writer, bar_was_closed = open_outputs  # open when the error struck, closed on the way out
+    assert writer is not None and writer.all_writers is None and trainer.writer is None
+    assert len(bars) == 1 and not bar_was_closed and bars[0].closed_by_train
     assert [s for s, _ in list_checkpoints(run)] == [4]
     saved = _digest(run / "checkpoints" / "step-000004")
     resumed = Trainer(small_config(feature_data, steps=10), run)

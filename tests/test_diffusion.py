@@ -166,6 +166,22 @@ def test_oracle_sampler_with_expected_length_recovers_padded_ids(clamp):
     assert torch.equal(sampler.sample(torch.arange(3), torch.Generator().manual_seed(0)).ids, ids)
 
 
+def test_allowed_rows_are_reused_only_while_the_weights_are_unchanged():
+    emb = TokenEmbedding(vocab_size=10, dim=4)
+    emb.restrict_to(torch.tensor([1, 2, 5]), always=(0,))
+    with torch.no_grad():
+        first = emb.allowed_rows()
+        assert emb.allowed_rows()[1] is first[1]  # same weights: the cached rows
+        emb.weight.add_(1.0)  # an optimizer step, an EMA update or load_state_dict: in place
+        moved = emb.allowed_rows()
+        assert torch.allclose(moved[1], emb._normalized(emb.weight[[0, 1, 2, 5]]))
+        emb.restrict_to(torch.tensor([3]), always=(0,))
+        assert emb.allowed_rows()[0].tolist() == [0, 3]
+    ids, rows = emb.allowed_rows()  # with autograd on: computed afresh, with a graph to the table
+    rows.sum().backward()
+    assert emb.weight.grad is not None and emb.weight.grad[3].abs().sum() > 0
+
+
 def test_rounding_is_restricted_to_allowed_tokens():
     emb = TokenEmbedding(vocab_size=10, dim=4)
     x = emb(torch.arange(10))[None]  # every row exactly

@@ -42,7 +42,6 @@ def test_seed_best_is_the_seed_setting():
 
 
 def test_seed_experiments_sweep_file_validates(tmp_path):
-    (tmp_path / "proxy_diffusion.yaml").write_text("model:\n  d_model: 256\n")
     sweep = load_sweep(ROOT / "sweeps" / "seed_experiments.yaml", data=tmp_path)
     names = [v.name for v in sweep.variants]
     assert "seed_best" in names and "diffcap_best" in names and len(names) == len(set(names))
@@ -50,6 +49,13 @@ def test_seed_experiments_sweep_file_validates(tmp_path):
     # every experiment config except the debug / duplicate-of-baseline ones is in the sweep
     assert {p.stem for p in CONFIGS} - used <= {"overfit_single_samples", "schedule_sqrt", "fusion_concat",
                                                   "sampling_steps_200"}
+
+
+def test_issue4_sweep_file_validates(tmp_path):
+    sweep = load_sweep(ROOT / "sweeps" / "issue4_techniques.yaml", data=tmp_path)
+    names = [v.name for v in sweep.variants]
+    assert names[0] == "base" and "score_interpolation" in names and len(names) == len(set(names))
+    assert all(set(v.samplers) == {"raw", "collapsed"} for v in sweep.variants)
 
 
 SWEEP = """
