@@ -65,6 +65,21 @@ def test_saved_run_rebuilds_identical_samples(feature_data, tmp_path):
     assert loaded(feats, seed=8, trajectory=True).trajectories != b.trajectories
 
 
+def test_bf16_captioning_uses_a_copy_that_follows_the_weights(feature_data, tmp_path):
+    Trainer(small_config(feature_data, steps=5), tmp_path / "run").train(resume=False)
+    pipe = CaptionPipeline.from_pretrained(tmp_path / "run")
+    assert pipe._model_for("fp32") is pipe.model
+    with torch.no_grad():
+        fast = pipe._model_for("bf16")
+        assert fast is not pipe.model and pipe._model_for("bf16") is fast  # made once, then reused
+        linears = [m for m in fast.modules() if isinstance(m, torch.nn.Linear)]
+        assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
+        assert fast.embedding.weight.dtype == torch.float32  # rounding stays in fp32
+        next(pipe.model.parameters()).add_(1.0)  # a training or EMA update, in place
+        assert pipe._model_for("bf16") is not fast
+    assert len(pipe(_features(feature_data, ["val0", "val1"]), precision="bf16").texts) == 2
+
+
 def test_resume_continues_to_the_same_weights(feature_data, tmp_path):
     cfg = small_config(feature_data, steps=20)
     cfg.train.save_every = 10

@@ -113,8 +113,8 @@ class SamplerConfig:
     # network produced, and the benchmarks report both.
     collapse_repeats: bool = False
     # How long a caption is. "free": every position rounds on its own, and PAD wins a position as soon
-    # as no single word is likelier, so captions come out short (6 words against 11.8 on the Flickr8k
-    # proxy). "expected": the first step fixes the length to the expected number of non-PAD positions,
+    # as no single word is likelier, so captions come out short (8 words against the references' 11.8
+    # on the Flickr8k proxy). "expected": the first step fixes the length to the expected number of non-PAD positions,
     # sum_i (1 - P_i(PAD)) under the rounding distribution, and rounding then keeps PAD out of the first
     # n positions and in the rest (length prediction as in non-autoregressive decoding, Gu et al. 2018,
     # arXiv 1711.02281, read here off the denoiser's own first estimate instead of a separate head).
