@@ -76,7 +76,10 @@ def test_bf16_captioning_uses_a_copy_that_follows_the_weights(feature_data, tmp_
         assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
         assert fast.embedding.weight.dtype == torch.float32  # rounding stays in fp32
         next(pipe.model.parameters()).add_(1.0)  # a training or EMA update, in place
-        assert pipe._model_for("bf16") is not fast
+        again = pipe._model_for("bf16")
+        assert again is not fast
+        pipe.model.embedding.restrict_to(torch.tensor([1, 2]), always=(0,))  # a buffer changes
+        assert pipe._model_for("bf16") is not again
     assert len(pipe(_features(feature_data, ["val0", "val1"]), precision="bf16").texts) == 2
 
 

@@ -80,8 +80,8 @@ class CaptionPipeline:
     def _model_for(self, precision: str) -> torch.nn.Module:
         """The model to caption with. For bf16, a copy whose nn.Linear weights are stored in bfloat16:
         autocast would otherwise cast every weight again at every call, a fifth of a batch-1 caption's
-        time (BENCHMARKS.md). The copy is remade whenever the weights change (a pipeline that follows
-        an EMA model during training sees every update)."""
+        time (BENCHMARKS.md). The copy is remade whenever the weights or buffers change (a pipeline
+        that follows an EMA model during training sees every update)."""
         if precision != "bf16":
             return self.model
 
@@ -92,7 +92,8 @@ class CaptionPipeline:
                     module.to(torch.bfloat16)
             return fast
 
-        return cached_while_unchanged(self, "_bf16_cache", tuple(self.model.parameters()), bf16_copy)
+        state = (*self.model.parameters(), *self.model.buffers())  # buffers: e.g. the allowed-token mask
+        return cached_while_unchanged(self, "_bf16_cache", state, bf16_copy)
 
     def _sample_diffusion(self, model: torch.nn.Module, features: torch.Tensor, seed: int | None, batch_size: int,
                           trajectory: bool, sampler_overrides: dict) -> Captions:
