@@ -20,8 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
+from diffcap.config import Config, ConfigError, apply_override, validate
 from diffcap.io import write_json
 from diffcap.pipeline import CaptionPipeline
 
@@ -35,13 +34,16 @@ def load_proxy():
 
 
 def parse_variant(items: list[str]) -> dict:
-    overrides = {}
-    for item in items:
-        if "=" not in item:
-            raise SystemExit(f"error: sampler override {item!r} must look like key=value")
-        key, raw = item.split("=", 1)
-        overrides[key] = yaml.safe_load(raw)
-    return overrides
+    """``key=value`` sampler overrides, parsed and checked by the config's own rules (unknown keys and
+    bad values are errors) -> {field: value}."""
+    cfg = Config()
+    try:
+        for item in items:
+            apply_override(cfg, f"sampler.{item}")
+        validate(cfg)
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    return {item.split("=", 1)[0]: getattr(cfg.sampler, item.split("=", 1)[0]) for item in items}
 
 
 def main(argv=None) -> list[dict]:

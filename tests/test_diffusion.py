@@ -98,7 +98,7 @@ def test_oracle_eps_objective_with_ddim():
     assert torch.equal(sampler.sample(torch.arange(3), torch.Generator().manual_seed(0)).ids, ids)
 
 
-def test_time_offset_shifts_only_the_networks_time():
+def test_time_offset_is_added_to_the_networks_time():
     diffusion = GaussianDiffusion(DiffusionConfig(num_timesteps=1000))
     ids = torch.randint(0, 12, (3, 5), generator=torch.Generator().manual_seed(4))
     model = OracleCaptioner(ids, diffusion)

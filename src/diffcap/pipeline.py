@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
+from .caching import cached_while_unchanged
 from .checkpoint import load_run
 from .config import Config, SamplerConfig
 from .diffusion.diffusion import GaussianDiffusion
 from .diffusion.sampler import Sampler
-from .models.embedding import cached_while_unchanged
 from .text.tokenizer import CaptionTokenizer
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..caching import cached_while_unchanged
 from ..config import ModelConfig
 from .denoiser import TransformerDenoiser
-from .embedding import TokenEmbedding, cached_while_unchanged, load_pretrained_embeddings
+from .embedding import TokenEmbedding, load_pretrained_embeddings
 from .image_encoder import ConvImageEncoder
 
 

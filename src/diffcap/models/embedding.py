@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..caching import cached_while_unchanged
+
 
 def load_pretrained_embeddings(name_or_path: str) -> torch.Tensor:
     """The input word-embedding matrix (V, D) of a BERT-family checkpoint (path or hub id)."""
@@ -20,25 +22,6 @@ def load_pretrained_embeddings(name_or_path: str) -> torch.Tensor:
 
     model = AutoModel.from_pretrained(name_or_path)
     return model.get_input_embeddings().weight.detach().clone()
-
-
-def cached_while_unchanged(owner: nn.Module, slot: str, sources: tuple[torch.Tensor, ...], compute):
-    """``compute()``, reused while none of ``sources`` has changed, when no gradient is being recorded.
-
-    Sampling calls the rounding rows and the score head (gathers of a few thousand rows out of 30,522)
-    at every step with the same weights; recomputing them was a quarter of a batch-1 caption's time.
-    A tensor's ``_version`` counts its in-place changes (optimizer steps, ``load_state_dict``, EMA
-    updates), so it tells when the weights moved. With autograd on, the result must carry this
-    forward's graph, so it is never reused then.
-    """
-    if torch.is_grad_enabled():
-        return compute()
-    key = tuple((t.data_ptr(), t._version, t.device) for t in sources)
-    cached = getattr(owner, slot)
-    if cached is None or cached[0] != key:
-        cached = (key, compute())
-        setattr(owner, slot, cached)
-    return cached[1]
 
 
 class TokenEmbedding(nn.Module):
