@@ -58,6 +58,7 @@ from diffcap.config import Config, ConfigError, apply_dict, apply_override, vali
 from diffcap.data.contract import (  # noqa: E402
     CaptionRecord, DataError, FeatureStore, describe_ids, read_captions, write_captions, write_features,
 )
+from diffcap.distill import distill_captions  # noqa: E402
 from diffcap.evaluate import coco_metrics, write_coco_results  # noqa: E402
 from diffcap.io import write_json  # noqa: E402
 from diffcap.pipeline import CaptionPipeline  # noqa: E402
@@ -75,20 +76,24 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "train.eval_every": 0, "train.save_every": 10**9, "train.log_every": 50, "train.progress": False,
     },
     # diffcap's best settings on this proxy (BENCHMARKS.md): CDCD score interpolation, linear schedule,
-    # warped timesteps, rounding weight 1.0, guidance 2, 3 DDIM steps, repeated tokens collapsed; both
-    # models caption with bf16 matmuls (sampler.precision in "common")
+    # warped timesteps, rounding weight 1.0, repeated tokens collapsed, trained on an autoregressive
+    # teacher's captions (--distill-share), so that one DDIM step without guidance suffices; both models
+    # caption with bf16 matmuls (sampler.precision in "common")
     "diffusion": {
         "model.kind": "diffusion", "model.emb_dim": 64, "model.self_condition": True,
         "model.score_interpolation": True,
         "diffusion.schedule": "linear", "diffusion.objective": "x0", "diffusion.timestep_sampler": "warped",
         "diffusion.rounding_weight": 1.0,
-        "sampler.method": "ddim", "sampler.steps": 3, "sampler.clamp": True, "sampler.guidance_scale": 2.0,
+        "sampler.method": "ddim", "sampler.steps": 1, "sampler.clamp": True, "sampler.guidance_scale": 1.0,
         "sampler.collapse_repeats": True,
     },
     "autoregressive": {
         "model.kind": "autoregressive", "sampler.beam_size": 1,
     },
 }
+# Sequence-level distillation (train_distilled): the share of the diffusion budget spent on its teacher
+DISTILL_SHARE = 0.6
+DISTILL_BEAM = 3  # the teacher's beam: better targets than greedy (Kim & Rush 2016), for ~3x its captioning time
 METHODS = ("human", "retrieval", "autoregressive", "diffusion")
 ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 LATENCY_IMAGES = 20
@@ -321,6 +326,34 @@ def train_to_budget(cfg: Config, budget_s: float, runs: Path, name: str) -> tupl
     return run_dir, info
 
 
+def train_distilled(cfg: Config, teacher_cfg: Config, budget_s: float, share: float, runs: Path,
+                    beam: int = DISTILL_BEAM) -> tuple[Path, dict]:
+    """Sequence-level distillation inside one budget (diffcap.distill): an autoregressive teacher trains
+    for ``share`` of it, captions the training images, and the diffusion captioner trains on those
+    captions for what is left. ``train_s`` is the sum of all three, so the diffusion captioner gets the
+    same wall time as the autoregressive method and no more."""
+    teacher_cfg = Config.from_dict(teacher_cfg.to_dict())
+    teacher_cfg.data = Config.from_dict(cfg.to_dict()).data
+    say(f"diffusion: training its distillation teacher for {share * budget_s / 60:g} min")
+    teacher_dir, teacher = train_to_budget(teacher_cfg, share * budget_s, runs, "diffusion-teacher")
+    say(f"diffusion: the teacher captions the training images (beam {beam})")
+    distilled = Path(cfg.data.captions).with_name("captions_distilled.jsonl")
+    summary = distill_captions(teacher_dir, cfg.data.captions, cfg.data.features, distilled,
+                               split=cfg.data.train_split, beam_size=beam)
+    say(f"diffusion: {summary['teacher_captions']} teacher captions in {summary['captioning_s']:.1f} s")
+    cfg.data.captions = str(distilled)
+    left_s = budget_s - teacher["train_s"] - summary["captioning_s"]
+    if left_s <= 0:
+        raise ConfigError(f"--distill-share {share} leaves no training time for the diffusion captioner")
+    say(f"diffusion: training for the remaining {left_s / 60:.2f} min")
+    run_dir, info = train_to_budget(cfg, left_s, runs, "diffusion")
+    info["distillation"] = {"share": share, "beam": beam, "teacher": teacher, "captioning": summary,
+                            "student_train_s": info["train_s"], "student_steps": info["steps"]}
+    info["train_s"] = teacher["train_s"] + summary["captioning_s"] + info["train_s"]
+    info["budget_s"] = budget_s
+    return run_dir, info
+
+
 # ------------------------------------------------------------------------------------------------
 # Measurements
 
@@ -476,6 +509,10 @@ def markdown(results: dict) -> str:
         cols = ("steps", "nfe", "BLEU-4", "CIDEr", "latency_b1_s", "throughput_b64")
         lines += ["", "Diffusion by sampling steps:", "", "| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
         lines += ["| " + " | ".join(_fmt(row[c]) for c in cols) + " |" for row in results["diffusion_by_steps"]]
+    if results.get("diffusion_teacher"):
+        teacher = results["diffusion_teacher"]
+        lines += ["", f"Its distillation teacher (beam {teacher['beam']}): BLEU-4 {_fmt(teacher['BLEU-4'])}, "
+                      f"CIDEr {_fmt(teacher['CIDEr'])}."]
     if results.get("diffusion_without_collapse"):
         raw = results["diffusion_without_collapse"]
         lines += ["", f"Diffusion without collapsing repeated tokens: BLEU-4 {_fmt(raw['BLEU-4'])}, "
@@ -518,7 +555,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="config overrides for the diffusion captioner, e.g. model.n_layers=6")
     p.add_argument("--ar-set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                    help="config overrides for the autoregressive captioner")
-    p.add_argument("--steps-list", nargs="+", default=["3,5,10,20,50"], help="diffusion sampling steps to sweep")
+    p.add_argument("--distill-share", type=float, default=DISTILL_SHARE,
+                   help="share of the diffusion budget that trains an autoregressive teacher, whose captions of "
+                        "the training images the diffusion captioner then learns (0: train on the references)")
+    p.add_argument("--distill-beam", type=int, default=DISTILL_BEAM, help="beam size of the teacher's captions")
+    p.add_argument("--steps-list", nargs="+", default=["1,3,5,10,20,50"], help="diffusion sampling steps to sweep")
     args = p.parse_args(argv)
     args.methods = _split_list(args.methods)
     unknown = sorted(set(args.methods) - set(METHODS))
@@ -530,6 +571,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--steps-list takes positive integers, e.g. 5,10,20,50")
     if any(s < 1 for s in args.steps_list):
         p.error("--steps-list takes positive integers")
+    if args.distill_beam < 1:
+        p.error("--distill-beam must be positive")
+    if not 0 <= args.distill_share < 1:
+        p.error("--distill-share must be in [0, 1)")
     if args.budget_min <= 0:
         p.error("--budget-min must be positive")
     if args.max_eval_images is not None and args.max_eval_images < 1:
@@ -597,8 +642,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
             cfg.data.captions, cfg.data.features = str(contract), str(contract.parent / "features.safetensors")
             cfg.data.train_split = "train"
             cfg.data.val_split = args.split if same_folder and args.split != "train" else "none"
-            say(f"{name}: training for {args.budget_min:g} min")
-            run_dir, info = train_to_budget(cfg, budget_s, runs, name)
+            if name == "diffusion" and args.distill_share > 0:
+                run_dir, info = train_distilled(cfg, configs["autoregressive"], budget_s, args.distill_share, runs,
+                                                args.distill_beam)
+            else:
+                say(f"{name}: training for {args.budget_min:g} min")
+                run_dir, info = train_to_budget(cfg, budget_s, runs, name)
             rss[f"{name}_train"] = peak_rss_mib()
             say(f"{name}: evaluating")
             result, pipe = evaluate_neural(run_dir, ev, out_dir, name)
@@ -606,6 +655,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 result["nfe"] = diffusion_nfe(pipe.cfg, pipe.cfg.sampler.steps)
                 result["sampler_steps"] = pipe.cfg.sampler.steps
             results[name] = result | info
+            if "distillation" in info:  # how close the student came to its teacher
+                teacher = CaptionPipeline.from_pretrained(info["distillation"]["teacher"]["run_dir"])
+                predictions, _ = caption_all(teacher, ev, beam_size=info["distillation"]["beam"])
+                write_coco_results(out_dir / "predictions" / "diffusion_teacher.json", predictions)
+                results["diffusion_teacher"] = score(predictions, ev.references) | {"beam": info["distillation"]["beam"]}
             sampling_gflops[name] = result["sampling_gflops"]
             if name == "diffusion":
                 results["diffusion_by_steps"] = diffusion_by_steps(pipe, ev, args.steps_list, out_dir, result)
@@ -625,7 +679,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "split": args.split, "data": str(args.data), "eval_data": str(args.eval_data),
         "n_train_images": len(train.image_ids), "n_eval_images": len(ev.image_ids),
         "condition": f"{ENCODER_NAME} embedding of caption #0; references captions #1..#4",
-        "budget_min": args.budget_min,
+        "budget_min": args.budget_min, "distill_share": args.distill_share,
+        "distill_beam": args.distill_beam,
         "configs": {name: configs[name].to_dict() for name in ("autoregressive", "diffusion") if name in args.methods},
     }
     write_json(args.out, results)

@@ -62,7 +62,7 @@ def test_end_to_end_all_methods(tmp_path, monkeypatch):
     data = make_flickr8k(tmp_path / "flickr8k")
     out = tmp_path / "out" / "results.json"
     results = bench.main(["--data", str(data), "--split", "dev", "--out", str(out), "--work", str(tmp_path / "work"),
-                          "--budget-min", "0.05", "--steps-list", "2",
+                          "--budget-min", "0.05", "--steps-list", "2", "--distill-share", "0.5",
                           "--diffusion-set", *TINY, "model.emb_dim=16", "sampler.steps=2",
                           "--ar-set", *TINY])
     saved = json.loads(out.read_text())
@@ -76,7 +76,14 @@ def test_end_to_end_all_methods(tmp_path, monkeypatch):
         assert {"latency_b1_s", "throughput_b64", "train_s", "params", "steps", "nfe"} <= r.keys()
         assert r["steps"] >= 1 and r["params"] > 0 and r["latency_b1_s"] > 0 and r["throughput_b64"] > 0
         assert r["train_s"] < 3.0 + 5.0  # 0.05 min budget (hard stop), plus the last step and the checkpoint
-    assert saved["diffusion"]["nfe"] == 4  # 2 DDIM steps, each two evaluations with guidance
+    assert saved["diffusion"]["nfe"] == 2  # 2 DDIM steps, one evaluation each (no guidance by default)
+    # distillation: the teacher, its captions and the student share the diffusion captioner's budget
+    distilled = saved["diffusion"]["distillation"]
+    assert distilled["teacher"]["steps"] >= 1 and distilled["captioning"]["images"] == 12
+    assert saved["diffusion"]["train_s"] == pytest.approx(
+        distilled["teacher"]["train_s"] + distilled["captioning"]["captioning_s"] + distilled["student_train_s"])
+    assert saved["configs"]["diffusion"]["data"]["captions"].endswith("captions_distilled.jsonl")
+    assert distilled["beam"] == 3 and {"BLEU-4", "CIDEr"} <= saved["diffusion_teacher"].keys()
     assert {"BLEU-4", "CIDEr"} <= saved["diffusion_without_collapse"].keys()
     assert 1 <= saved["autoregressive"]["nfe"] <= 20
     assert [row["steps"] for row in saved["diffusion_by_steps"]] == [2]

@@ -99,6 +99,18 @@ def cmd_train_guidance(args) -> None:
           f"(diffcap sample/eval --classifier-scale S --classifier-path {args.name})")
 
 
+def cmd_distill(args) -> None:
+    from .distill import distill_captions
+
+    captions, features = _data_files(args.data)
+    overrides = {"beam_size": args.beam} if args.beam else {}
+    summary = distill_captions(args.teacher, captions, features, args.out, split=args.split,
+                               keep_references=args.keep_references, batch_size=args.batch_size,
+                               device=args.device, **overrides)
+    print(json.dumps(summary, indent=2))
+    print(f"train on it with data.captions={args.out} data.features={features}")
+
+
 def cmd_sweep(args) -> None:
     from .sweep import run_sweep
 
@@ -200,6 +212,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-layers", type=int, default=2, help="transformer layers")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train_guidance)
+
+    p = sub.add_parser("distill", help="sequence-level distillation: re-caption a split with a teacher run")
+    p.add_argument("--teacher", required=True, help="trained run (usually autoregressive) that writes the captions")
+    p.add_argument("--data", required=True, help="directory with captions.jsonl|csv and features.safetensors")
+    p.add_argument("--out", required=True, help="captions file to write (.jsonl or .csv)")
+    p.add_argument("--split", default="train", help="split whose images get the teacher's captions")
+    p.add_argument("--keep-references", action="store_true", help="keep the split's own captions as well")
+    p.add_argument("--beam", type=int, help="teacher beam size (default: the teacher run's)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("sweep", help="run a grid of configs on one data set and tabulate the results")
     p.add_argument("sweep", help="SWEEP.yaml: base config, data set, variants, sampling steps (see docs/experiments.md)")

@@ -1,0 +1,77 @@
+"""Sequence-level distillation (diffcap.distill and `diffcap distill`): a teacher run re-captions a split."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import CAPTIONS, small_config
+from diffcap.cli import main
+from diffcap.data.contract import DataError, FeatureStore, read_captions
+from diffcap.distill import distill_captions
+from diffcap.pipeline import CaptionPipeline
+from diffcap.train import Trainer
+
+
+@pytest.fixture
+def teacher(feature_data, tmp_path):
+    """A small autoregressive run trained until it writes its training captions."""
+    cfg = small_config(feature_data, steps=250)
+    cfg.model.kind = "autoregressive"
+    Trainer(cfg, tmp_path / "teacher").train(resume=False)
+    return tmp_path / "teacher"
+
+
+def test_train_images_get_the_teacher_caption_and_other_splits_are_kept(feature_data, teacher, tmp_path):
+    captions, features = feature_data / "captions.jsonl", feature_data / "features.safetensors"
+    out = tmp_path / "distilled.jsonl"
+    summary = distill_captions(teacher, captions, features, out)
+    source, written = read_captions(captions), read_captions(out)
+    train_ids = [r.image_id for r in source if r.split == "train"]
+    expected = CaptionPipeline.from_pretrained(teacher)(FeatureStore.open(features).get(train_ids)).texts
+    assert [(r.image_id, r.caption) for r in written if r.split == "train"] == list(zip(train_ids, expected))
+    assert [r for r in written if r.split != "train"] == [r for r in source if r.split != "train"]
+    assert summary["images"] == summary["teacher_captions"] == 8 and summary["empty"] == 0
+    # the overfit teacher writes its training captions back
+    assert [r.caption for r in written if r.split == "train"] == CAPTIONS
+
+
+def test_keep_references_and_empty_teacher_captions(feature_data, teacher, tmp_path, monkeypatch):
+    captions, features = feature_data / "captions.jsonl", feature_data / "features.safetensors"
+    distill_captions(teacher, captions, features, tmp_path / "kept.jsonl", keep_references=True)
+    kept = read_captions(tmp_path / "kept.jsonl")
+    assert [r for r in kept if r.split == "train"][8:] == [r for r in read_captions(captions) if r.split == "train"]
+
+    real_call = CaptionPipeline.__call__
+
+    def first_caption_empty(self, feats, **kw):
+        out = real_call(self, feats, **kw)
+        out.texts[0] = " "
+        return out
+
+    monkeypatch.setattr(CaptionPipeline, "__call__", first_caption_empty)
+    summary = distill_captions(teacher, captions, features, tmp_path / "holes.jsonl")
+    assert summary["empty"] == 1 and summary["kept_references"] == 1
+    img0 = [r.caption for r in read_captions(tmp_path / "holes.jsonl") if r.image_id == "img0"]
+    assert img0 == [CAPTIONS[0]]  # its own reference, not an empty caption and not nothing
+
+
+def test_bad_requests_are_refused(feature_data, teacher, tmp_path):
+    captions, features = feature_data / "captions.jsonl", feature_data / "features.safetensors"
+    with pytest.raises(DataError, match="overwrite the source"):
+        distill_captions(teacher, captions, features, captions)
+    with pytest.raises(DataError, match=r"no captions in split 'test'.*'train', 'val'"):
+        distill_captions(teacher, captions, features, tmp_path / "x.jsonl", split="test")
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_command_line(feature_data, teacher, tmp_path, capsys):
+    out = tmp_path / "distilled.csv"
+    assert main(["distill", "--teacher", str(teacher), "--data", str(feature_data), "--out", str(out),
+                 "--beam", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert json.loads(printed[:printed.rindex("}") + 1])["teacher_captions"] == 8
+    assert len([r for r in read_captions(out) if r.split == "train"]) == 8
+    assert main(["distill", "--teacher", str(teacher), "--data", str(feature_data),
+                 "--out", str(feature_data / "captions.jsonl")]) == 2
+    assert "overwrite the source" in capsys.readouterr().err
