@@ -46,9 +46,10 @@ def test_seed_experiments_sweep_file_validates(tmp_path):
     names = [v.name for v in sweep.variants]
     assert "seed_best" in names and "diffcap_best" in names and len(names) == len(set(names))
     used = {v.config.stem for v in sweep.variants if v.config}
-    # every experiment config except the debug / duplicate-of-baseline ones is in the sweep
+    # every experiment config except the debug / duplicate-of-baseline ones (and diffcap_best_distilled,
+    # which needs a distilled captions file) is in the sweep
     assert {p.stem for p in CONFIGS} - used <= {"overfit_single_samples", "schedule_sqrt", "fusion_concat",
-                                                  "sampling_steps_200"}
+                                                  "sampling_steps_200", "diffcap_best_distilled"}
 
 
 def test_issue4_sweep_file_validates(tmp_path):
@@ -56,6 +57,15 @@ def test_issue4_sweep_file_validates(tmp_path):
     names = [v.name for v in sweep.variants]
     assert names[0] == "base" and "score_interpolation" in names and len(names) == len(set(names))
     assert all(set(v.samplers) == {"raw", "collapsed"} for v in sweep.variants)
+
+
+def test_distillation_sweep_file_validates(tmp_path):
+    from diffcap.sweep import variant_config
+
+    sweep = load_sweep(ROOT / "sweeps" / "distillation.yaml", data=tmp_path)
+    captions = {v.name: Path(variant_config(sweep, v).data.captions).name for v in sweep.variants}
+    assert captions == {"references": "captions.jsonl", "distilled": "captions_distilled.jsonl",
+                        "distilled_and_references": "captions_distilled_and_references.jsonl"}
 
 
 SWEEP = """
