@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffcap.config import ModelConfig
-from diffcap.models.autoregressive import IGNORE_INDEX, AutoregressiveCaptioner
+from diffcap.models.autoregressive import IGNORE_INDEX, AutoregressiveCaptioner, prefix_lm_mask
 from diffcap.text.tokenizer import CaptionTokenizer
 
 from conftest import CAPTIONS
@@ -113,6 +113,26 @@ def test_loss_ignores_positions_after_eos():
     # ...while a word before EOS does count
     ids[0, 2] = 20
     assert not torch.equal(model.loss(ids, feats)["per_sample"][0], base["per_sample"][0])
+
+
+def test_loss_is_the_mean_token_nll_of_next_token_prediction():
+    """The loss scores only positions with a target; check it against log-softmax of all positions."""
+    model = sharpen(small_model())
+    feats = torch.randn(2, 16)
+    ids = torch.tensor([[5, 6, 7, 0, 0, 0, 0, 0, 0, 0], [8, 9, 10, 11, 12, 13, 14, 15, 16, 17]])
+    inputs, targets = model.teacher_forcing(ids)
+    def next_token_logp(b: int, i: int) -> torch.Tensor:  # log p(. | condition, inputs[b, :i+1]), alone
+        x = torch.cat([model.embed_prefix(model.encode_condition(feats[b:b + 1])),
+                       model.embed_tokens(inputs[b:b + 1, :i + 1], 0)], dim=1)
+        return model.logits(model.decode(x, prefix_lm_mask(1, 0, i + 2, i + 2, x.device)))[0, -1].log_softmax(-1)
+
+    with torch.no_grad():
+        logp = torch.stack([torch.stack([next_token_logp(b, i)[t] for i, t in enumerate(targets[b].clamp(min=0))])
+                            for b in range(2)])
+        out = model.loss(ids, feats)
+    nll = -logp * (targets != IGNORE_INDEX)
+    assert out["per_sample"].tolist() == pytest.approx((nll.sum(1) / torch.tensor([4.0, 11.0])).tolist(), rel=1e-5)
+    assert float(out["loss"]) == pytest.approx(float(nll.sum() / 15), rel=1e-5)
 
 
 def test_beam_one_is_greedy():
