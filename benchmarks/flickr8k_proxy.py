@@ -14,10 +14,13 @@ Methods (same features, same tokenizer: the WordPiece tokenizer of the MiniLM fo
 * ``retrieval``: nearest neighbour; for each evaluated image the training image whose condition
   vector has the highest cosine similarity, predicting that image's caption #0.
 * ``autoregressive``: diffcap's matched left-to-right captioner (greedy decoding, KV cache).
-* ``diffusion``: diffcap's continuous diffusion captioner (score interpolation, DDIM, clamping,
-  self-conditioning, classifier-free guidance, repeated tokens collapsed; also scored without that).
+* ``diffusion``: diffcap's continuous diffusion captioner (score interpolation, one DDIM step,
+  self-conditioning, repeated tokens collapsed; also scored without that), trained by sequence-level
+  distillation: within its budget an autoregressive teacher trains first (``--distill-share``), writes
+  a beam-search caption for every training image, and the diffusion captioner learns those captions
+  (``--distill-share 0``: it learns the references #1-#4). The teacher is scored too.
 
-Both neural models train on the official train split (Flickr_8k.trainImages.txt) for the same
+Both neural methods train on the official train split (Flickr_8k.trainImages.txt) for the same
 wall-time budget: a short calibration measures seconds per step, ``train.steps`` is set so that the
 run (and its learning-rate schedule) fits the budget, and ``train.time_budget_s`` stops it for sure.
 
