@@ -34,6 +34,7 @@ for the budget, cache folder, method subset and config overrides.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import hashlib
 import os
@@ -335,8 +336,8 @@ def train_distilled(cfg: Config, teacher_cfg: Config, budget_s: float, share: fl
     for ``share`` of it, captions the training images, and the diffusion captioner trains on those
     captions for what is left. ``train_s`` is the sum of all three, so the diffusion captioner gets the
     same wall time as the autoregressive method and no more."""
-    teacher_cfg = Config.from_dict(teacher_cfg.to_dict())
-    teacher_cfg.data = Config.from_dict(cfg.to_dict()).data
+    teacher_cfg = copy.deepcopy(teacher_cfg)
+    teacher_cfg.data = copy.deepcopy(cfg.data)
     say(f"diffusion: training its distillation teacher for {share * budget_s / 60:g} min")
     teacher_dir, teacher = train_to_budget(teacher_cfg, share * budget_s, runs, "diffusion-teacher")
     say(f"diffusion: the teacher captions the training images (beam {beam})")
