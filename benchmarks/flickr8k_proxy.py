@@ -96,7 +96,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
 }
 # Sequence-level distillation (train_distilled): the share of the diffusion budget spent on its teacher
-DISTILL_SHARE = 0.5  # 0.4 / 0.5 / 0.6 gave dev CIDEr 0.519 / 0.516-0.525 / 0.498-0.520 (BENCHMARKS.md)
+DISTILL_SHARE = 0.5  # 0.4 / 0.5 / 0.6 gave dev CIDEr 0.519 / 0.516-0.526 / 0.498-0.520 (BENCHMARKS.md)
 DISTILL_BEAM = 3  # the teacher's beam: better targets than greedy (Kim & Rush 2016), for ~3x its captioning time
 METHODS = ("human", "retrieval", "autoregressive", "diffusion")
 ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
