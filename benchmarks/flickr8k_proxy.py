@@ -195,7 +195,7 @@ class LazyEncoder:
 
     def __call__(self, sentences: list[str]) -> torch.Tensor:
         if self.model is None:
-            from diffcap.data.features import TextEncoder
+            from diffcap.data.encoders import TextEncoder
 
             say(f"loading {ENCODER_NAME} from {self.path}")
             self.model = TextEncoder(str(self.path), kind="sentence-transformers", device="cpu", batch_size=128)

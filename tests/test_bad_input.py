@@ -96,7 +96,7 @@ def test_feature_width_that_does_not_fit_the_run(feature_data, tmp_path):
 def test_decompression_bomb_is_an_error_naming_the_file(tmp_path, monkeypatch):
     from PIL import Image
 
-    from diffcap.images import ImageError, load_image
+    from diffcap.data.images import ImageError, load_image
 
     path = tmp_path / "bomb.png"
     Image.new("RGB", (64, 64)).save(path)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from diffcap.data.contract import DataError, FeatureStore, read_captions
-from diffcap.data.features import ClipImageEncoder, TextEncoder, extract_image_features
+from diffcap.data.encoders import ClipImageEncoder, TextEncoder, extract_image_features
 from diffcap.data.layouts import read_layout
 from diffcap.data.prepare import prepare
 

@@ -65,7 +65,7 @@ def cmd_demo(args) -> None:
 
 
 def cmd_caption(args) -> None:
-    from .images import caption_images
+    from .captioning import caption_images
 
     for path, text in caption_images(args.images, args.run, device=args.device, seed=args.seed):
         print(f"{path}\t{text}")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..io import atomic_output, write_json
 from .contract import CaptionRecord, DataError, describe_ids, write_captions
-from .features import (
+from .encoders import (
     DEFAULT_ENCODER, FEATURES_FILE, ClipImageEncoder, TextEncoder, extract_image_features, write_text_features,
 )
 from .layouts import Layout, read_layout

@@ -1,42 +1,13 @@
-"""Reading user image files for captioning, with errors that name the file."""
+"""Captioning image files with a trained run: the run's own image encoder, then its pipeline."""
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
+from .data.images import load_image
 from .pipeline import CaptionPipeline
-
-
-class ImageError(ValueError):
-    pass
-
-
-def load_image(path: str | Path, size: int | None = None) -> Image.Image:
-    """Open and fully decode an image as RGB, optionally resized to size x size.
-
-    Pillow raises DecompressionBombError for images far above its pixel limit and warns for those
-    just above it; both become errors here, so a hostile file cannot exhaust memory.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ImageError(f"{path}: no such image file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.load()
-                img = img.convert("RGB")
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"{path}: not a readable image ({exc})") from exc
-    except OSError as exc:  # truncated or corrupt data
-        raise ImageError(f"{path}: corrupt image ({exc})") from exc
-    if size is not None and img.size != (size, size):
-        img = img.resize((size, size), Image.Resampling.BICUBIC)
-    return img
 
 
 def caption_images(paths: list[str], run_dir: str | Path, *, device: str = "cpu",
@@ -54,7 +25,7 @@ def caption_images(paths: list[str], run_dir: str | Path, *, device: str = "cpu"
         kind = f"{data.encoder_kind} features from {data.encoder}" if data.encoder else "features of unknown origin"
         raise ValueError(f"{run_dir}: this run was trained on {kind}, so it cannot encode images; "
                          "extract features for the images and use `diffcap sample`")
-    from .data.features import ClipImageEncoder
+    from .data.encoders import ClipImageEncoder
 
     # A clip-text run (CapDec) captions images with the image tower of the same CLIP: the two towers
     # share one embedding space.

@@ -11,7 +11,7 @@ trained on text embeddings caption images (CapDec, arXiv 2211.00575).
 
 The feature files' metadata records ``encoder`` (hub id or absolute path), ``kind`` (one of
 :data:`ENCODER_KINDS`) and ``output`` (``pooled`` or ``patches``), so a run trained on them knows how
-to encode new images (see :func:`diffcap.images.caption_images`).
+to encode new images (see :func:`diffcap.pipeline.caption_images`).
 """
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ from safetensors import SafetensorError, safe_open
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..images import ImageError, load_image
 from ..io import atomic_output, save_tensors, write_json
 from .contract import DataError, describe_ids, write_features
+from .images import ImageError, load_image
 
 log = logging.getLogger(__name__)
 
