@@ -63,7 +63,7 @@ from diffcap.data.contract import (  # noqa: E402
     CaptionRecord, DataError, FeatureStore, describe_ids, read_captions, write_captions, write_features,
 )
 from diffcap.distill import distill_captions  # noqa: E402
-from diffcap.evaluate import coco_metrics, write_coco_results  # noqa: E402
+from diffcap.evaluation.metrics import coco_metrics, write_coco_results  # noqa: E402
 from diffcap.io import write_json  # noqa: E402
 from diffcap.pipeline import CaptionPipeline  # noqa: E402
 from diffcap.train import Trainer, load_training_data  # noqa: E402

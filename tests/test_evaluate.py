@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from diffcap.data.contract import DataError
-from diffcap.evaluate import (
+from diffcap.evaluation.metrics import (
     cider,
     coco_metrics,
     read_coco_results,

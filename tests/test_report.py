@@ -8,8 +8,7 @@ import re
 import numpy as np
 from PIL import Image
 
-from diffcap.data.synthetic import png_bytes
-from diffcap.report import write_report
+from diffcap.evaluation.report import png_bytes, write_report
 
 
 def _image(seed: int) -> np.ndarray:

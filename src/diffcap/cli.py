@@ -33,7 +33,7 @@ def cmd_train(args) -> None:
 
 def cmd_sample(args) -> None:
     from .data.contract import FeatureStore
-    from .evaluate import write_coco_results
+    from .evaluation.metrics import write_coco_results
     from .pipeline import CaptionPipeline
 
     pipe = CaptionPipeline.from_pretrained(args.run, device=args.device)
@@ -47,7 +47,7 @@ def cmd_sample(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from .evaluate import evaluate_run
+    from .evaluation.metrics import evaluate_run
 
     captions, features = _data_files(args.data)
     out = Path(args.out) if args.out else Path(args.run) / f"eval-{args.split}"

@@ -15,10 +15,10 @@ from pathlib import Path
 from .config import Config, apply_override, validate
 from .data.contract import FeatureStore
 from .data.synthetic import attribute_accuracy, load_scenes, make_demo_dataset, write_demo_dataset
-from .evaluate import coco_metrics, write_coco_results
+from .evaluation.metrics import coco_metrics, write_coco_results
 from .io import write_json
 from .pipeline import CaptionPipeline
-from .report import write_report
+from .evaluation.report import write_report
 from .train import Trainer
 
 log = logging.getLogger(__name__)

@@ -252,7 +252,7 @@ def _timed(fn) -> float:
 
 
 def _evaluate(sweep: Sweep, variant: Variant, run_dir: Path, trained: dict) -> list[dict]:
-    from .evaluate import cider, coco_metrics, write_coco_results
+    from .evaluation.metrics import cider, coco_metrics, write_coco_results
     from .pipeline import CaptionPipeline
     from .train import load_training_data
 

@@ -31,7 +31,7 @@ from .data.contract import DataError, FeatureStore, check_ids, describe_ids, rea
 from .data.datasets import CaptionPairs, SplitData, load_split
 from .diffusion.diffusion import GaussianDiffusion
 from .diffusion.noise import StepNoise
-from .evaluate import cider
+from .evaluation.metrics import cider
 from .io import save_tensors, write_json
 from .models.factory import build_model
 from .pipeline import CaptionPipeline

@@ -12,7 +12,6 @@ seed: only ``random.Random`` and ``numpy.random.Generator`` instances are used, 
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
@@ -293,16 +292,6 @@ def render(scene: Scene, size: int = 64) -> np.ndarray:
     for obj in scene.objects:
         _draw(draw, obj, big)
     return np.asarray(canvas.resize((size, size), Image.Resampling.BOX), dtype=np.uint8).copy()
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """Encode a uint8 HWC (or HW) array as PNG."""
-    arr = np.asarray(image)
-    if arr.dtype != np.uint8 or arr.ndim not in (2, 3):
-        raise ValueError(f"png_bytes: expected a uint8 HW or HWC array, got {arr.dtype} {arr.shape}")
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------- captions

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from PIL import Image
 
-from diffcap.data.synthetic import png_bytes
-from diffcap.io import PathLike, atomic_output
+from ..io import PathLike, atomic_output
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
@@ -50,6 +51,16 @@ def _format_value(value: Any) -> str:
     if value is None:
         return "n/a"
     return str(value)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """Encode a uint8 HWC (or HW) array as PNG."""
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8 or arr.ndim not in (2, 3):
+        raise ValueError(f"png_bytes: expected a uint8 HW or HWC array, got {arr.dtype} {arr.shape}")
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _image_tag(image: Any, alt: str) -> str:

@@ -268,9 +268,9 @@ def evaluate_run(run_dir: PathLike, captions: PathLike, features: PathLike, spli
 
     Writes ``out_dir/metrics.json`` and the COCO-format ``out_dir/results.json``; returns the metrics.
     """
-    from .data.contract import FeatureStore, read_captions
-    from .io import write_json
-    from .pipeline import CaptionPipeline
+    from ..data.contract import FeatureStore, read_captions
+    from ..io import write_json
+    from ..pipeline import CaptionPipeline
 
     pipe = CaptionPipeline.from_pretrained(run_dir, device=device)
     references: dict[str, list[str]] = {}

@@ -1,0 +1,1 @@
+"""Scoring captions (COCO metrics, the COCO results file) and the HTML report of a captioned set."""
