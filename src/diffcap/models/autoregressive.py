@@ -191,6 +191,8 @@ class AutoregressiveCaptioner(nn.Module):
             from a run directory gets them from ``backbone_config`` and needs no extra argument.
     """
 
+    iterative = False  # generation decodes left to right, one token per forward
+
     def __init__(self, cfg: ModelConfig, *, vocab_size: int, seq_len: int, pretrained: bool = True,
                  backbone_config: dict | None = None, bos_id: int | None = None, eos_id: int | None = None,
                  pad_id: int | None = None):

@@ -18,6 +18,8 @@ class DiffusionCaptioner(nn.Module):
     rebuilt with ``pretrained=False`` and its state dict, so loading never needs the hub.
     """
 
+    iterative = True  # generation refines all positions over sampler.steps
+
     def __init__(self, cfg: ModelConfig, *, vocab_size: int, seq_len: int, pretrained: bool = True,
                  backbone_config: dict | None = None):
         super().__init__()
