@@ -90,7 +90,7 @@ def cmd_prepare(args) -> None:
 
 
 def cmd_train_guidance(args) -> None:
-    from .guidance import train_guidance
+    from .training.guidance import train_guidance
 
     record = train_guidance(args.run, kind=args.kind, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                             out=args.name, seed=args.seed, d_model=args.d_model, n_layers=args.n_layers)

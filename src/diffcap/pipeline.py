@@ -37,7 +37,7 @@ class CaptionPipeline:
     def classifier(self, path: str) -> torch.nn.Module:
         """The guidance classifier RUN/<path>/ (loaded once), for sampler.classifier_scale > 0."""
         if path not in self.classifiers:
-            from .guidance import load_guidance
+            from .diffusion.guidance import load_guidance
 
             if self.run_dir is None:
                 raise ValueError("classifier guidance needs a pipeline loaded from a run directory "

@@ -238,7 +238,7 @@ def _train(sweep: Sweep, variant: Variant, run_dir: Path) -> dict:
     del trainer, model
     reset_accelerate()
     for gname, opts in variant.guidance.items():
-        from .guidance import train_guidance
+        from .training.guidance import train_guidance
 
         record[f"guidance-{gname}"] = train_guidance(run_dir, out=f"guidance-{gname}", **opts)
     write_json(done, record)

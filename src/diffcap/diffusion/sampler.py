@@ -3,7 +3,7 @@
 The loop follows diffusers' set_timesteps / step contract and uses its DDIM and DDPM schedulers on our
 own betas. We always hand the scheduler an x0 estimate (``prediction_type="sample"``), because the
 steps between the network and the scheduler work on x0: objective conversion, classifier-free
-guidance, classifier guidance (:mod:`diffcap.guidance`) and Diffusion-LM's clamping trick (each a
+guidance, classifier guidance (:mod:`diffcap.diffusion.guidance`) and Diffusion-LM's clamping trick (each a
 small function). All randomness goes through
 one ``torch.Generator``.
 """
@@ -15,7 +15,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from ..config import SamplerConfig
-from ..guidance import classifier_shift
+from .guidance import classifier_shift
 from .diffusion import GaussianDiffusion
 
 

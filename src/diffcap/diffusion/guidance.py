@@ -1,10 +1,10 @@
 """Classifier guidance: a small learned model of log p(c | x_t) whose gradient steers sampling.
 
-The seed planned it next to classifier-free guidance ("changing func is linear for each position" /
-"changing func is transformer to [x_t, x_t] part"). Following Dhariwal & Nichol (2021, arXiv
-2105.05233), and Diffusion-LM's plug-and-play control for text (arXiv 2205.14217), a classifier is
-trained on noisy embeddings x_t drawn from the frozen diffusion model's own forward process, and at
-sampling time the gradient of its log-probability is added to the score of the diffusion model.
+Following Dhariwal & Nichol (2021, arXiv 2105.05233) and Diffusion-LM's plug-and-play control for
+text (arXiv 2205.14217), a classifier is trained on noisy embeddings x_t drawn from the frozen
+diffusion model's own forward process (diffcap.training.guidance), and at sampling time the gradient
+of its log-probability is added to the score of the diffusion model. Two forms: a function linear in
+x_t at each position, and a small transformer over [x_t; condition].
 
 Training is contrastive: each caption's x_t is scored against its own condition (label 1) and
 against the condition of another caption of the batch (label 0, or 1 when that caption happens to
@@ -17,18 +17,14 @@ A guidance model lives in its own folder of the run directory (``RUN/guidance/``
 from __future__ import annotations
 
 import json
-import logging
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .io import save_tensors, write_json
-from .models.denoiser import timestep_embedding
-
-log = logging.getLogger(__name__)
+from ..io import save_tensors, write_json
+from ..models.denoiser import timestep_embedding
 
 KINDS = ("linear", "transformer")
 WEIGHTS, CONFIG = "guidance.safetensors", "guidance.json"
@@ -113,7 +109,7 @@ def save_guidance(folder: str | Path, classifier: GuidanceClassifier, record: di
 def load_guidance(folder: str | Path, device: str | torch.device = "cpu") -> GuidanceClassifier:
     """Load ``folder``'s guidance classifier; a missing, truncated or mismatched file raises
     :class:`~diffcap.checkpoint.RunDirError` (a FileNotFoundError) naming it."""
-    from .checkpoint import RunDirError, load_weights
+    from ..checkpoint import RunDirError, load_weights
 
     folder = Path(folder)
     if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
@@ -134,7 +130,7 @@ def load_guidance(folder: str | Path, device: str | torch.device = "cpu") -> Gui
     return classifier.to(device).eval()
 
 
-# ---- training ------------------------------------------------------------------------------------
+# ---- the training loss (training/guidance.py trains a classifier for a run) ---------------------
 
 
 def contrastive_loss(classifier: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
@@ -151,72 +147,3 @@ def contrastive_loss(classifier: nn.Module, x_t: torch.Tensor, t: torch.Tensor, 
     loss = F.binary_cross_entropy_with_logits(logits, labels)
     accuracy = float(((logits > 0).float() == labels).float().mean())
     return loss, accuracy
-
-
-def train_guidance(run_dir: str | Path, *, kind: str = "linear", steps: int = 500, batch_size: int = 64,
-                   lr: float = 1e-3, out: str = "guidance", seed: int = 0, d_model: int = 128, n_layers: int = 2,
-                   n_heads: int = 4, time_budget_s: float = 0.0) -> dict:
-    """Train a guidance classifier against a trained run's frozen embeddings and forward process.
-
-    Reads the run's data files (``data.captions``/``data.features`` of its config.json) and writes
-    ``RUN/<out>/``. Returns the training record (also saved in guidance.json).
-    """
-    from .checkpoint import load_run
-    from .data.contract import FeatureStore, read_captions
-    from .data.datasets import load_split
-    from .diffusion.diffusion import GaussianDiffusion
-
-    run_dir = Path(run_dir)
-    cfg, model, tokenizer = load_run(run_dir)
-    if cfg.model.kind != "diffusion":
-        raise ValueError(f"{run_dir}: classifier guidance needs a diffusion run, not {cfg.model.kind!r}")
-    model.requires_grad_(False)
-    records = read_captions(cfg.data.captions)
-    store = FeatureStore.open(cfg.data.features)
-    train = load_split(records, store, tokenizer, cfg.data.train_split, cfg.data.captions)
-    val = (load_split(records, store, tokenizer, cfg.data.val_split, cfg.data.captions)
-           if any(r.split == cfg.data.val_split for r in records) else None)
-    diffusion = GaussianDiffusion(cfg.diffusion)
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    classifier = GuidanceClassifier(kind=kind, emb_dim=model.embedding.dim, cond_dim=cfg.model.cond_dim,
-                                    seq_len=cfg.text.max_length, d_model=d_model, n_layers=n_layers, n_heads=n_heads)
-    optimizer = torch.optim.AdamW(classifier.parameters(), lr=lr)
-
-    def batch_of(split, idx):
-        ids = split.caption_ids[idx]
-        image = split.caption_image[idx]
-        with torch.no_grad():
-            x0 = model.embedding(ids)
-            cond = model.encode_condition(split.features[image])
-        t = torch.randint(0, diffusion.num_timesteps, (len(idx),), generator=generator)
-        x_t = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=generator))
-        return x_t, t, cond, image
-
-    start, losses, accs = time.time(), [], []
-    n = len(train.caption_ids)
-    step = 0
-    for step in range(1, steps + 1):
-        idx = torch.randint(0, n, (min(batch_size, n),), generator=generator)
-        loss, acc = contrastive_loss(classifier, *batch_of(train, idx), generator=generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        accs.append(acc)
-        if time_budget_s and time.time() - start >= time_budget_s:
-            break
-    tail = max(1, len(losses) // 10)
-    record = {"kind": kind, "steps": step, "batch_size": batch_size, "lr": lr, "seed": seed,
-              "train_s": time.time() - start, "train_loss": sum(losses[-tail:]) / tail,
-              "train_accuracy": sum(accs[-tail:]) / tail}
-    if val is not None:
-        classifier.eval()
-        g = torch.Generator().manual_seed(1234)
-        idx = torch.randperm(len(val.caption_ids), generator=g)[:256]
-        with torch.no_grad():
-            loss, acc = contrastive_loss(classifier, *batch_of(val, idx), generator=g)
-        record |= {"val_loss": float(loss), "val_accuracy": acc}
-    save_guidance(run_dir / out, classifier.eval(), record)
-    log.info("guidance %s: %s", run_dir / out, record)
-    return record

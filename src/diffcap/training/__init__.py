@@ -1,0 +1,1 @@
+"""Training captioners: the optimisation loop, the run directory, validation, distillation."""
