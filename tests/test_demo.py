@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from diffcap.cli import main
-from diffcap.demo import QUICK, run_demo
+from diffcap.demo.run import QUICK, run_demo
 
 
 @pytest.fixture(scope="module")

@@ -9,26 +9,15 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from diffcap.data.synthetic import (
-    COLOURS,
-    HELD_OUT_PAIRS,
-    INVERSE_RELATION,
-    MAX_CAPTION_WORDS,
-    SIZE_RADIUS,
-    Obj,
-    Scene,
-    attribute_accuracy,
-    contains_unseen,
-    describe,
-    generate_scenes,
-    load_scenes,
-    make_demo_dataset,
-    parse_objects,
-    parse_relation,
+from diffcap.data.contract import CaptionRecord
+from diffcap.demo.captions import MAX_CAPTION_WORDS, describe
+from diffcap.demo.dataset import make_demo_dataset, write_demo_dataset
+from diffcap.demo.render import render
+from diffcap.demo.scenes import (
+    COLOURS, HELD_OUT_PAIRS, INVERSE_RELATION, SIZE_RADIUS, Obj, Scene, contains_unseen, generate_scenes, load_scenes,
     relation_of,
-    render,
-    write_demo_dataset,
 )
+from diffcap.demo.scoring import attribute_accuracy, parse_objects, parse_relation
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +139,7 @@ def test_splits_ids_and_captions(demo):
     refs = demo.references()
     assert len(refs) == 350 and all(len(r) == 5 for r in refs.values())
     split_of = {i: s.split for i, s in demo.scenes().items()}
-    assert all(rec["split"] == split_of[rec["image_id"]] for rec in demo.captions)
+    assert all(rec.split == split_of[rec.image_id] for rec in demo.captions)
 
 
 def test_parse_objects_ignores_size_case_and_punctuation():
@@ -252,7 +241,7 @@ def test_write_demo_dataset_round_trip(tmp_path):
             assert np.array_equal(tensor.numpy().transpose(1, 2, 0), image)
 
     lines = paths["captions"].read_text(encoding="utf-8").splitlines()
-    assert [json.loads(line) for line in lines] == data.captions
+    assert [CaptionRecord(**json.loads(line)) for line in lines] == data.captions
     assert len(lines) == 12 * 5
 
     loaded = load_scenes(paths["scenes"])

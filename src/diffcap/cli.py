@@ -57,7 +57,7 @@ def cmd_eval(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from .demo import QUICK, DemoSize, run_demo
+    from .demo.run import QUICK, DemoSize, run_demo
 
     metrics = run_demo(args.out, QUICK if args.quick else DemoSize(), overrides=args.overrides)
     print(json.dumps(metrics, indent=2))

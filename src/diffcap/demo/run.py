@@ -1,7 +1,7 @@
 """`diffcap demo`: synthetic scenes -> jointly trained CNN + diffusion captioner -> metrics and report.
 
 Everything runs offline on a CPU: no pretrained image encoder can be installed here, so the demo brings
-its own images (diffcap.data.synthetic) and learns its own encoder.
+its own images (diffcap.demo.dataset) and learns its own encoder.
 """
 from __future__ import annotations
 
@@ -12,23 +12,24 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Config, apply_override, validate
-from .data.contract import FeatureStore
-from .data.synthetic import attribute_accuracy, load_scenes, make_demo_dataset, write_demo_dataset
-from .evaluation.metrics import coco_metrics, write_coco_results
-from .io import write_json
-from .pipeline import CaptionPipeline
-from .evaluation.report import write_report
-from .train import Trainer
+from ..config import Config, apply_override, validate
+from ..data.contract import FeatureStore
+from ..evaluation.metrics import coco_metrics, write_coco_results
+from ..evaluation.report import write_report
+from ..io import write_json
+from ..pipeline import CaptionPipeline
+from ..train import Trainer
+from .dataset import make_demo_dataset, write_demo_dataset
+from .scenes import load_scenes
+from .scoring import attribute_accuracy
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class DemoSize:
-    # 20,000 training scenes rather than 3,000: with few scenes the encoder memorises them and names
-    # held-out colour-shape pairs by a seen partner (unseen accuracy 0.41 -> 0.73, BENCHMARKS.md).
-    # Generating them takes seconds; 50,000 gave no further gain.
+    # Many training scenes: with few, the encoder memorises them and names held-out colour-shape pairs
+    # by a seen partner (BENCHMARKS.md, demo ablations). Generating them takes seconds.
     n_train: int = 20000
     n_val: int = 200
     n_test: int = 300
