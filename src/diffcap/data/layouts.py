@@ -90,7 +90,8 @@ def read_flickr8k(root: Path) -> Layout:
 
     Images in no split list are left out; split lists that are absent are skipped (some copies hold no
     test split), but at least one must be there. Without split lists, Karpathy's
-    ``dataset_flickr8k.json`` is used if present.
+    ``dataset_flickr8k.json`` is used if present. ``images`` follows the split lists' order (train, dev,
+    test), so the first N images of a split are the first N of its list; records keep the captions' order.
     """
     captions_file = _first(root, ("captions.txt", "Flickr8k.token.txt", "Flickr8k_text/Flickr8k.token.txt"))
     # The official Flickr8k_text.zip holds the token file and the split lists side by side.
@@ -125,7 +126,7 @@ def read_flickr8k(root: Path) -> Layout:
         raise DataError(f"{captions_file}: no captions for {describe_ids(listed_without_captions)} "
                         "named in the split lists")
     image_dir = _first(root, FLICKR8K_IMAGE_DIRS) or root / FLICKR8K_IMAGE_DIRS[0]
-    images = {name: image_dir / name for name in dict.fromkeys(r.image_id for r in records)}
+    images = {name: image_dir / name for name in split_of}
     return Layout(records, images, captions_file)
 
 
