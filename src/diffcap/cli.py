@@ -71,6 +71,12 @@ def cmd_caption(args) -> None:
         print(f"{path}\t{text}")
 
 
+def cmd_serve(args) -> None:
+    from .serve.command import run
+
+    run(args)
+
+
 def cmd_prepare(args) -> None:
     from .data.prepare import fetch_from_hub, prepare
 
@@ -237,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser("serve", help="a web page and an HTTP API that caption uploaded images with a run")
+    from .serve.command import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -5,6 +5,11 @@ The run decides what it takes. A run with its own image encoder (the demo's CNN)
 trained on CLIP image features takes an image through the same CLIP; a run trained on text features
 (CapDec-style text-only training, the Flickr8k proxy) takes a sentence through the same text encoder,
 and a CLIP-text run also takes an image through CLIP's image tower, which shares the text tower's space.
+
+Seeds: requests with equal settings (seed included) share one pipeline call, and the pipeline draws one
+noise tensor for the whole batch from the seed, so a caption equals ``CaptionPipeline``'s for that seed
+when the request is captioned alone (always with --max-batch 1), and is the same draw's row for its place
+in a batch otherwise. The answer's ``batch_size`` says which.
 """
 from __future__ import annotations
 
