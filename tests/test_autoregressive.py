@@ -29,9 +29,6 @@ def sharpen(model: AutoregressiveCaptioner, scale: float = 0.5) -> Autoregressiv
     return model.eval()
 
 
-KW = dict(bos_id=2, eos_id=3, pad_id=0)
-
-
 def test_shapes_and_rebuild(tmp_path):
     model = small_model(cond_tokens=3).eval()
     ids = torch.tensor([[5, 6, 7, 0, 0, 0, 0, 0, 0, 0], [5, 9, 9, 9, 9, 9, 9, 9, 9, 9]])
@@ -41,7 +38,7 @@ def test_shapes_and_rebuild(tmp_path):
         assert terms["per_sample"].shape == (2,) and not terms["per_sample"].requires_grad
         assert torch.equal(model(ids, feats)["loss"], terms["loss"])  # forward is the loss, for DDP
         for beam in (1, 3):
-            out = model.generate(feats, max_length=7, beam_size=beam, **KW)
+            out = model.search(feats, max_length=7, beam_size=beam)
             assert out.shape == (2, 7) and out.dtype == torch.long
             assert not ((out == 2) | (out == 3)).any()  # no BOS/EOS in the output
 
@@ -49,7 +46,7 @@ def test_shapes_and_rebuild(tmp_path):
     # the same model, special ids included, with no extra arguments.
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "m.safetensors"))
     cfg = ModelConfig(d_model=8, n_layers=1, n_heads=1, cond_dim=16, cond_tokens=3)
-    rebuilt = AutoregressiveCaptioner(cfg, vocab_size=40, seq_len=SEQ_LEN, pretrained=False,
+    rebuilt = AutoregressiveCaptioner(cfg, vocab_size=40, seq_len=SEQ_LEN,
                                       backbone_config=model.body_config())
     rebuilt.load_state_dict(load_file(str(tmp_path / "m.safetensors")))
     rebuilt.eval()
@@ -60,15 +57,15 @@ def test_shapes_and_rebuild(tmp_path):
     with pytest.raises(ValueError, match="bos_id"):
         AutoregressiveCaptioner(ModelConfig(cond_dim=16, cond_tokens=1), vocab_size=40, seq_len=SEQ_LEN)
     with pytest.raises(ValueError, match="max_length"):
-        model.generate(feats, max_length=SEQ_LEN + 1, **KW)
+        model.search(feats, max_length=SEQ_LEN + 1)
 
 
 def test_image_encoder_condition():
     cfg = ModelConfig(d_model=32, n_layers=1, n_heads=4, dropout=0.0, image_encoder="cnn")
-    model = AutoregressiveCaptioner(cfg, vocab_size=40, seq_len=SEQ_LEN, **KW).eval()
+    model = AutoregressiveCaptioner(cfg, vocab_size=40, seq_len=SEQ_LEN, bos_id=2, eos_id=3, pad_id=0).eval()
     pixels = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     assert model.encode_condition(pixels).shape == (2, 16, 128)
-    assert model.generate(pixels, max_length=4, **KW).shape == (2, 4)
+    assert model.search(pixels, max_length=4).shape == (2, 4)
 
 
 @pytest.mark.parametrize("cond_tokens", [1, 3])
@@ -77,17 +74,17 @@ def test_cache_matches_no_cache(cond_tokens):
     feats = torch.randn(6, cond_tokens, 16)
     widths: list[int] = []
     hook = model.blocks[0].register_forward_pre_hook(lambda _m, args: widths.append(args[0].shape[1]))
-    cached = model.generate(feats, max_length=SEQ_LEN, **KW)
+    cached = model.search(feats, max_length=SEQ_LEN)
     nfe_cached = model.last_nfe
     hook.remove()
-    uncached = model.generate(feats, max_length=SEQ_LEN, use_cache=False, **KW)
+    uncached = model.search(feats, max_length=SEQ_LEN, use_cache=False)
     assert torch.equal(cached, uncached)
     assert model.last_nfe == nfe_cached == len(widths)
     # prefill over [prefix; BOS], then exactly one new position per forward
     assert widths == [cond_tokens + 1] + [1] * (len(widths) - 1)
 
-    beam_cached = model.generate(feats, max_length=SEQ_LEN, beam_size=3, **KW)
-    assert torch.equal(beam_cached, model.generate(feats, max_length=SEQ_LEN, beam_size=3, use_cache=False, **KW))
+    beam_cached = model.search(feats, max_length=SEQ_LEN, beam_size=3)
+    assert torch.equal(beam_cached, model.search(feats, max_length=SEQ_LEN, beam_size=3, use_cache=False))
 
 
 def test_teacher_forcing_targets():
@@ -138,8 +135,8 @@ def test_loss_is_the_mean_token_nll_of_next_token_prediction():
 def test_beam_one_is_greedy():
     model = sharpen(small_model(cond_tokens=3))
     feats = torch.randn(5, 3, 16)
-    assert torch.equal(model.generate(feats, max_length=SEQ_LEN, beam_size=1, **KW),
-                       model.generate(feats, max_length=SEQ_LEN, **KW))
+    assert torch.equal(model.search(feats, max_length=SEQ_LEN, beam_size=1),
+                       model.search(feats, max_length=SEQ_LEN))
 
 
 def test_overfits_eight_captions():
@@ -158,12 +155,33 @@ def test_overfits_eight_captions():
         optimizer.step()
     assert float(loss.detach()) < 0.05
     model.eval()
-    kw = dict(max_length=SEQ_LEN, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
-    greedy = model.generate(feats, **kw)
+    kw = {"max_length": SEQ_LEN}
+    greedy = model.search(feats, **kw)
     assert torch.equal(greedy, ids)
     assert tokenizer.decode(greedy) == tokenizer.decode(ids)
     # greedy stops once every caption has ended: the longest has 8 words, so 1 prefill + 8 steps
     assert model.last_nfe == int((ids != tokenizer.pad_id).sum(dim=1).max()) + 1
-    assert torch.equal(model.generate(feats, beam_size=3, **kw), ids)
+    assert torch.equal(model.search(feats, beam_size=3, **kw), ids)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # what sampler.precision = "bf16" runs it under
-        assert torch.equal(model.generate(feats, **kw), ids)
+        assert torch.equal(model.search(feats, **kw), ids)
+
+
+def test_pipeline_refuses_settings_left_to_right_decoding_cannot_honour():
+    from diffcap.config import Config, ConfigError
+    from diffcap.pipeline import CaptionPipeline
+
+    cfg = Config()
+    cfg.model = ModelConfig(kind="autoregressive", d_model=32, n_layers=1, n_heads=4, cond_dim=16, cond_tokens=1)
+    cfg.text.max_length = SEQ_LEN
+    tokenizer = CaptionTokenizer.build_word_level(CAPTIONS, max_length=SEQ_LEN)
+    model = AutoregressiveCaptioner(cfg.model, vocab_size=tokenizer.vocab_size, seq_len=SEQ_LEN,
+                                    bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    pipe = CaptionPipeline(cfg, model, tokenizer)
+    feats = torch.randn(2, 16)
+    assert len(pipe(feats, beam_size=2).texts) == 2
+    for overrides, message in [({"steps": 5}, "sampler.steps does not apply"), ({"seed": 3}, "sampler.seed"),
+                               ({"guidance_scale": 2.0}, "sampler.guidance_scale")]:
+        with pytest.raises(ConfigError, match=message):
+            pipe(feats, **overrides)
+    with pytest.raises(ValueError, match="no trajectory"):
+        pipe(feats, trajectory=True)

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from diffcap.checkpoints import list_checkpoints
 from diffcap.cli import main
 from diffcap.data.contract import CaptionRecord, DataError, write_captions
-from diffcap.train import Trainer, load_training_data
+from diffcap.training import Trainer, load_training_data
+from diffcap.training.rundir import RunDir
 
 from conftest import make_feature_data, small_config
 
@@ -114,8 +114,9 @@ def _digest(folder):
 
 
 def test_nan_loss_stops_with_step_and_images_and_keeps_the_checkpoint(feature_data, tmp_path, monkeypatch):
-    import diffcap.train
     from tqdm.auto import tqdm
+
+    import diffcap.training.trainer
 
     bars = []
 
@@ -129,27 +130,27 @@ def test_nan_loss_stops_with_step_and_images_and_keeps_the_checkpoint(feature_da
             self.closed_by_train = True
             super().close()
 
-    monkeypatch.setattr(diffcap.train, "tqdm", RecordedBar)
+    monkeypatch.setattr(diffcap.training.trainer, "tqdm", RecordedBar)
     run = tmp_path / "run"
     cfg = small_config(feature_data, steps=10)
     cfg.train.save_every, cfg.train.log_every = 4, 1
     trainer = Trainer(cfg, run)
-    real = trainer.diffusion.training_losses
+    real = trainer.state.model.training_losses
     calls, open_outputs = [], []
 
-    def poisoned(model, ids, feats, **kw):
-        terms = real(model, ids, feats, **kw)
+    def poisoned(ids, feats, **kw):
+        terms = real(ids, feats, **kw)
         calls.append(1)
         if len(calls) == 6:
             # step 6: one caption's loss becomes NaN, as from a bad example
-            open_outputs.extend([trainer.writer, bars[-1].closed_by_train])
+            open_outputs.extend([trainer.train_log.writer, bars[-1].closed_by_train])
             per = terms["per_sample"].clone()
             per[3] = float("nan")
             terms["per_sample"] = per
             terms["loss"] = terms["loss"] + per.sum()
         return terms
 
-    trainer.diffusion.training_losses = poisoned
+    trainer.state.model.training_losses = poisoned
     with pytest.raises(FloatingPointError) as info:
         trainer.train(resume=False)
     message = str(info.value)
@@ -157,9 +158,9 @@ def test_nan_loss_stops_with_step_and_images_and_keeps_the_checkpoint(feature_da
     assert re.search(r"non-finite for image 1 id\(s\): 'img\d'", message)
     assert f"the checkpoint of step 4 is intact ({run / 'checkpoints' / 'step-000004'})" in message
     writer, bar_was_closed = open_outputs  # open when the error struck, closed on the way out
-    assert writer is not None and writer.all_writers is None and trainer.writer is None
+    assert writer is not None and writer.all_writers is None and trainer.train_log.writer is None
     assert len(bars) == 1 and not bar_was_closed and bars[0].closed_by_train
-    assert [s for s, _ in list_checkpoints(run)] == [4]
+    assert [s for s, _ in RunDir(run).checkpoints()] == [4]
     saved = _digest(run / "checkpoints" / "step-000004")
     resumed = Trainer(small_config(feature_data, steps=10), run)
     assert resumed.resume() and resumed.step == 4

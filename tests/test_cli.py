@@ -44,7 +44,8 @@ def test_clear_errors(feature_data, tmp_path, capsys):
 
 def test_feature_width_mismatch_is_reported(feature_data, tmp_path, capsys):
     from conftest import make_feature_data, small_config
-    from diffcap.train import Trainer
+
+    from diffcap.training import Trainer
 
     Trainer(small_config(feature_data, steps=2), tmp_path / "run").train(resume=False)
     wide = make_feature_data(tmp_path / "wide", dim=24)
@@ -56,3 +57,17 @@ def test_feature_width_mismatch_is_reported(feature_data, tmp_path, capsys):
 def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "diffcap.cli", "--help"], capture_output=True, text=True, check=True)
     assert "demo" in out.stdout and "train" in out.stdout
+
+
+def test_every_sampler_setting_has_a_flag():
+    import dataclasses
+
+    from diffcap.cli import _sampler_overrides, build_parser
+    from diffcap.config import SamplerConfig
+
+    args = build_parser().parse_args(["sample", "--run", "r", "--features", "f", "--steps", "7", "--no-clamp",
+                                      "--guidance", "2", "--beam", "3", "--length", "expected", "--seed", "5"])
+    assert _sampler_overrides(args) == {"steps": 7, "clamp": False, "guidance_scale": 2.0, "beam_size": 3,
+                                        "length": "expected", "seed": 5}
+    names = {a.dest for a in build_parser()._subparsers._group_actions[0].choices["eval"]._actions}
+    assert {f.name for f in dataclasses.fields(SamplerConfig)} <= names

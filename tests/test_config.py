@@ -30,3 +30,37 @@ def test_unknown_key_in_file_names_the_file(tmp_path):
         Config.load(path)
     with pytest.raises(ConfigError, match="config file not found"):
         Config.load(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"sampler": {"mbr": 1000000}}, "sampler.mbr must be in 1..64"),
+    ({"sampler": {"method": "bogus"}}, "'sampler.method' is 'bogus'"),
+    ({"model": {"kind": "gan"}}, "'model.kind' is 'gan'"),
+])
+def test_a_run_config_is_validated_when_loaded(section, message):
+    with pytest.raises(ConfigError, match=f"run/config.json: .*{message}"):
+        Config.from_dict(section, "run/config.json")
+
+
+def test_resolve_returns_a_new_config_with_the_condition_shape(tmp_path):
+    from pathlib import Path
+
+    import torch
+
+    from diffcap.config import resolve
+    from diffcap.data.contract import FeatureSpec
+    from diffcap.text.tokenizer import CaptionTokenizer
+
+    cfg = Config()
+    tokenizer = CaptionTokenizer.build_word_level(["a dog"], max_length=5)
+    grid = FeatureSpec(Path("f.safetensors"), (49, 768), torch.float16, {"encoder": "clip", "kind": "clip-image"})
+    resolved = resolve(cfg, grid, tokenizer)
+    assert (resolved.model.cond_tokens, resolved.model.cond_dim) == (49, 768)
+    assert (resolved.data.encoder, resolved.data.encoder_kind) == ("clip", "clip-image")
+    assert (cfg.model.cond_tokens, cfg.model.cond_dim, cfg.data.encoder) == (0, 0, "")  # not written into
+    pixels = FeatureSpec(Path("f.safetensors"), (3, 64, 64), torch.uint8, {"kind": "pixels"})
+    with pytest.raises(ConfigError, match="set model.image_encoder=cnn"):
+        resolve(cfg, pixels, tokenizer)
+    cfg.model.image_encoder = "cnn"
+    cnn = resolve(cfg, pixels, tokenizer).model
+    assert (cnn.cond_tokens, cnn.cond_dim) == (16, 128)

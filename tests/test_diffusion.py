@@ -194,7 +194,7 @@ def test_rounding_is_restricted_to_allowed_tokens():
 
 @pytest.mark.parametrize("head", ["separate", "tied"])
 def test_score_interpolation_logits_cover_only_allowed_tokens(head):
-    from diffcap.models.captioner import DiffusionCaptioner
+    from diffcap.models.diffusion_captioner import DiffusionCaptioner
 
     cfg = ModelConfig(d_model=32, n_layers=1, n_heads=2, emb_dim=8, score_interpolation=True, cond_dim=4,
                       cond_tokens=1, self_condition=False, score_head=head)

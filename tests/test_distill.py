@@ -5,12 +5,13 @@ import json
 
 import pytest
 
-from conftest import CAPTIONS, small_config
 from diffcap.cli import main
 from diffcap.data.contract import DataError, FeatureStore, read_captions
-from diffcap.distill import distill_captions
 from diffcap.pipeline import CaptionPipeline
-from diffcap.train import Trainer
+from diffcap.training import Trainer
+from diffcap.training.distill import distill_captions
+
+from conftest import CAPTIONS, small_config
 
 
 @pytest.fixture

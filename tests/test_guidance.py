@@ -10,13 +10,13 @@ import torch
 from diffcap.config import Config
 from diffcap.data.contract import FeatureStore
 from diffcap.diffusion.diffusion import GaussianDiffusion
-from diffcap.diffusion.sampler import Sampler
 from diffcap.diffusion.guidance import GuidanceClassifier, classifier_shift, load_guidance
-from diffcap.training.guidance import train_guidance
+from diffcap.diffusion.sampler import Sampler
 from diffcap.models.factory import build_model
 from diffcap.pipeline import CaptionPipeline
 from diffcap.text.tokenizer import CaptionTokenizer
-from diffcap.train import Trainer
+from diffcap.training import Trainer
+from diffcap.training.guidance import train_guidance
 
 from conftest import CAPTIONS, small_config
 
@@ -120,8 +120,8 @@ def test_train_save_load_round_trip_and_guided_pipeline(feature_data, tmp_path, 
 
 
 def test_load_guidance_errors_name_the_file(tmp_path):
-    from diffcap.checkpoint import RunDirError
     from diffcap.diffusion.guidance import CONFIG, WEIGHTS, save_guidance
+    from diffcap.training.rundir import RunDirError
 
     folder = tmp_path / "guidance"
     save_guidance(folder, GuidanceClassifier(kind="linear", emb_dim=4, cond_dim=3, seq_len=5, d_model=8))

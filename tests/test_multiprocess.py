@@ -18,7 +18,8 @@ import yaml
 from safetensors.torch import load_file
 
 from diffcap.diffusion.noise import StepNoise
-from diffcap.train import Trainer, add_feature_noise
+from diffcap.training import Trainer
+from diffcap.training.trainer import add_feature_noise
 
 from conftest import make_feature_data, small_config
 from test_resume import cli_env

@@ -362,7 +362,7 @@ def test_prepare_train_caption_end_to_end(tmp_path, tiny_clip, capsys):
 
     from diffcap.cli import main
     from diffcap.config import Config
-    from diffcap.train import Trainer
+    from diffcap.training import Trainer
 
     root = folder_layout(tmp_path / "photos")
     assert main(["prepare", "folder", "--root", str(root), "--out", str(tmp_path / "data"), "--encoder",
@@ -390,7 +390,7 @@ def test_text_trained_run_captions_images(tmp_path, tiny_clip, capsys):
     from conftest import small_config
 
     from diffcap.cli import main
-    from diffcap.train import Trainer
+    from diffcap.training import Trainer
 
     root = folder_layout(tmp_path / "photos")
     prepare("folder", root, tmp_path / "data", encoder=str(tiny_clip), condition="text", progress=False)
@@ -404,7 +404,7 @@ def test_sentence_transformer_run_cannot_encode_images(tmp_path, feature_data, c
 
     from diffcap.cli import main
     from diffcap.data.contract import write_features
-    from diffcap.train import Trainer
+    from diffcap.training import Trainer
 
     store = FeatureStore.open(feature_data / "features.safetensors")
     write_features(feature_data / "features.safetensors", store.all(),

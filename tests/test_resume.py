@@ -16,9 +16,9 @@ import yaml
 from safetensors.torch import load_file
 
 import diffcap
-from diffcap.checkpoints import list_checkpoints
 from diffcap.pipeline import CaptionPipeline
-from diffcap.train import Trainer
+from diffcap.training import Trainer
+from diffcap.training.rundir import RunDir
 
 from conftest import small_config
 
@@ -43,7 +43,7 @@ def test_last_n_checkpoints_kept_and_published(feature_data, tmp_path):
     cfg.train.save_every, cfg.train.keep_checkpoints = 1, 2
     Trainer(cfg, tmp_path / "run").train(resume=False)
     run = tmp_path / "run"
-    assert [s for s, _ in list_checkpoints(run)] == [5, 6]
+    assert [s for s, _ in RunDir(run).checkpoints()] == [5, 6]
     assert json.loads((run / "checkpoint.json").read_text())["step"] == 6
     for name in ("model.safetensors", "ema.safetensors"):
         tensors_equal(run / name, run / "checkpoints" / "step-000006" / name)
@@ -57,7 +57,7 @@ def test_interrupted_save_leaves_previous_checkpoint_and_resume_cleans_up(featur
     cfg.train.save_every = 2
     trainer = Trainer(cfg, run)
     calls = []
-    real = diffcap.train.save_optimizer
+    real = diffcap.training.rundir.save_optimizer
 
     def dies_on_second_save(optimizer, directory):
         calls.append(directory)
@@ -65,10 +65,10 @@ def test_interrupted_save_leaves_previous_checkpoint_and_resume_cleans_up(featur
             raise KeyboardInterrupt  # stands in for a kill in the middle of writing step 4
         real(optimizer, directory)
 
-    monkeypatch.setattr(diffcap.train, "save_optimizer", dies_on_second_save)
+    monkeypatch.setattr(diffcap.training.rundir, "save_optimizer", dies_on_second_save)
     with pytest.raises(KeyboardInterrupt):
         trainer.train(resume=False)
-    assert [s for s, _ in list_checkpoints(run)] == [2]
+    assert [s for s, _ in RunDir(run).checkpoints()] == [2]
     # what a SIGKILL (no cleanup at all) would leave: a hidden temporary folder
     (run / "checkpoints" / ".step-000004.deadbeef.tmp").mkdir()
     (run / "checkpoints" / ".step-000004.deadbeef.tmp" / "model.safetensors").write_bytes(b"partial")
@@ -90,10 +90,10 @@ def test_unreadable_newest_checkpoint_falls_back_with_a_warning(feature_data, tm
     # set aside under a name that is neither listed nor pruned, with a warning naming it
     aside = run / "checkpoints" / "unreadable-step-000004"
     assert aside.is_dir() and str(aside) in caplog.text
-    assert [s for s, _ in list_checkpoints(run)] == [2]
+    assert [s for s, _ in RunDir(run).checkpoints()] == [2]
     older = run / "checkpoints" / "step-000002" / "model.safetensors"
     older.write_bytes(b"")
-    from diffcap.checkpoint import RunDirError
+    from diffcap.training.rundir import RunDirError
 
     with pytest.raises(RunDirError, match=r"no readable checkpoint.*step-000002"):
         Trainer(small_config(feature_data, steps=4), run).resume()
@@ -110,13 +110,13 @@ def test_nan_after_a_fallback_names_the_checkpoint_loaded(feature_data, tmp_path
     cfg = small_config(feature_data, steps=6)
     cfg.train.save_every, cfg.train.keep_checkpoints = 100, 2
     trainer = Trainer(cfg, run)
-    real = trainer.diffusion.training_losses
+    real = trainer.state.model.training_losses
 
-    def poisoned(model, ids, feats, **kw):
-        terms = real(model, ids, feats, **kw)
+    def poisoned(ids, feats, **kw):
+        terms = real(ids, feats, **kw)
         return terms | {"loss": terms["loss"] * float("nan")}
 
-    trainer.diffusion.training_losses = poisoned
+    trainer.state.model.training_losses = poisoned
     with pytest.raises(FloatingPointError) as info:
         trainer.train()
     message = str(info.value)
@@ -183,13 +183,13 @@ def test_sigkilled_training_resumes_bit_identical(feature_data, tmp_path):
     command = [sys.executable, "-m", "diffcap.cli", "train", "--config", str(config), "--out", str(run)]
     proc = subprocess.Popen(command, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
-    while not list_checkpoints(run) and proc.poll() is None and time.time() < deadline:
+    while not RunDir(run).checkpoints() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     assert proc.poll() is None, f"training ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     proc.stderr.close()
-    killed_at = list_checkpoints(run)[-1][0]
+    killed_at = RunDir(run).checkpoints()[-1][0]
     assert killed_at < steps
 
     out = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=120)
@@ -197,7 +197,7 @@ def test_sigkilled_training_resumes_bit_identical(feature_data, tmp_path):
     assert json.loads(out.stdout.strip().splitlines()[-1])["steps"] == steps
     for name in ("model.safetensors", "ema.safetensors"):
         tensors_equal(run / name, tmp_path / "full" / name)
-    assert [s for s, _ in list_checkpoints(run)] == [steps - 5, steps]
+    assert [s for s, _ in RunDir(run).checkpoints()] == [steps - 5, steps]
     # the optimizer and schedule states match too, so training could go on identically
     a = json.loads((run / "checkpoints" / f"step-{steps:06d}" / "trainer_state" / "state.json").read_text())
     b = json.loads((tmp_path / "full" / "checkpoints" / f"step-{steps:06d}" / "trainer_state" / "state.json").read_text())

@@ -15,8 +15,6 @@ import pytest
 import torch
 
 from diffcap.config import Config
-from diffcap.diffusion.diffusion import GaussianDiffusion
-from diffcap.diffusion.sampler import Sampler
 from diffcap.models.factory import build_model
 from diffcap.pipeline import CaptionPipeline
 from diffcap.text.tokenizer import CaptionTokenizer
@@ -44,12 +42,11 @@ def tiny_model(kind: str):
     tokenizer = CaptionTokenizer.build_word_level(CAPTIONS, max_length=cfg.text.max_length)
     torch.manual_seed(0)
     model = build_model(cfg, tokenizer)
-    diffusion = GaussianDiffusion(cfg.diffusion)
     ids = tokenizer.encode(CAPTIONS)
     features = torch.randn(len(CAPTIONS), cfg.model.cond_dim)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(TRAIN_STEPS):
-        terms = diffusion.training_losses(model, ids, features) if kind == "diffusion" else model(ids, features)
+        terms = model.training_losses(ids, features)
         optimizer.zero_grad()
         terms["loss"].backward()
         optimizer.step()
@@ -57,26 +54,17 @@ def tiny_model(kind: str):
 
 
 def generate_ids(kind: str, **overrides) -> list[list[int]]:
-    cfg, model, tokenizer, features = tiny_model(kind)
+    cfg, model, _, features = tiny_model(kind)
     sampler_cfg = dataclasses.replace(cfg.sampler, **overrides)
-    with torch.no_grad():
-        if kind == "autoregressive":
-            ids = model.generate(features, max_length=cfg.text.max_length, bos_id=tokenizer.bos_id,
-                                 eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, beam_size=sampler_cfg.beam_size)
-        else:
-            sampler = Sampler(model, GaussianDiffusion(cfg.diffusion), sampler_cfg, cfg.text.max_length,
-                              tokenizer.pad_id)
-            ids = sampler.sample(features, torch.Generator().manual_seed(sampler_cfg.seed)).ids
-    return ids.tolist()
+    generator = torch.Generator().manual_seed(sampler_cfg.seed)
+    return model.generate(features, sampler_cfg, generator=generator).ids.tolist()
 
 
 def generate_trajectory(**overrides) -> list[tuple[int, list[int]]]:
-    cfg, model, tokenizer, features = tiny_model("diffusion")
+    cfg, model, _, features = tiny_model("diffusion")
     sampler_cfg = dataclasses.replace(cfg.sampler, **overrides)
-    with torch.no_grad():
-        sampler = Sampler(model, GaussianDiffusion(cfg.diffusion), sampler_cfg, cfg.text.max_length, tokenizer.pad_id)
-        generator = torch.Generator().manual_seed(sampler_cfg.seed)
-        trajectory = sampler.sample(features, generator, trajectory=True).trajectory
+    generator = torch.Generator().manual_seed(sampler_cfg.seed)
+    trajectory = model.generate(features, sampler_cfg, generator=generator, trajectory=True).trajectory
     return [(t, ids[0].tolist()) for t, ids in trajectory]
 
 

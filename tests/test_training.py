@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 
 from diffcap.data.contract import FeatureStore
 from diffcap.pipeline import CaptionPipeline
-from diffcap.train import Trainer, lr_lambda
+from diffcap.training import Trainer
+from diffcap.training.trainer import lr_lambda
 
 from conftest import CAPTIONS, small_config
 
@@ -53,7 +54,7 @@ def test_saved_run_rebuilds_identical_samples(feature_data, tmp_path):
     cfg = small_config(feature_data, steps=30)
     trainer = Trainer(cfg, tmp_path / "run")
     trainer.train(resume=False)
-    live = CaptionPipeline(cfg, trainer.ema.module, trainer.tokenizer)
+    live = CaptionPipeline(trainer.cfg, trainer.ema.module, trainer.tokenizer)
     loaded = CaptionPipeline.from_pretrained(tmp_path / "run")
     feats = _features(feature_data, ["val0", "val1", "val2"])
     a = live(feats, seed=7, trajectory=True)
@@ -153,8 +154,10 @@ def test_pretrained_backbone_and_frozen_embeddings_rebuild_offline(feature_data,
     before = trainer.model.embedding.weight.detach().clone()
     trainer.train(resume=False)
     assert torch.equal(trainer.model.embedding.weight, before)
-    assert cfg.model.d_model == 32 and cfg.model.emb_dim == 32
-    live = CaptionPipeline(cfg, trainer.ema.module, trainer.tokenizer)
+    # the widths come from the checkpoint (config.resolve), in the trainer's config, not the one passed in
+    assert trainer.cfg.model.d_model == 32 and trainer.cfg.model.emb_dim == 32
+    assert cfg.model.d_model == 64 and cfg.model.emb_dim == 16
+    live = CaptionPipeline(trainer.cfg, trainer.ema.module, trainer.tokenizer)
     tiny.rename(tmp_path / "gone")  # the run directory must not need the original checkpoint
     loaded = CaptionPipeline.from_pretrained(tmp_path / "run")
     feats = _features(feature_data, ["val0", "val1"])
@@ -174,8 +177,8 @@ def test_starting_over_sets_the_earlier_checkpoints_aside(feature_data, tmp_path
 def test_loading_weights_of_another_shape_names_the_file(feature_data, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from diffcap.checkpoint import load_run
     from diffcap.config import ConfigError
+    from diffcap.training.rundir import RunDir
 
     cfg = small_config(feature_data, steps=2)
     Trainer(cfg, tmp_path / "run").train(resume=False)
@@ -186,4 +189,4 @@ def test_loading_weights_of_another_shape_names_the_file(feature_data, tmp_path)
     path.unlink()
     save_file(weights, str(path))
     with pytest.raises(ConfigError, match="ema.safetensors.*in_proj.weight"):
-        load_run(tmp_path / "run")
+        RunDir(tmp_path / "run").load_model()

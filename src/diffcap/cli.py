@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -24,7 +25,7 @@ def _data_files(data: str) -> tuple[Path, Path]:
 
 def cmd_train(args) -> None:
     from .config import Config
-    from .train import Trainer
+    from .training import Trainer
 
     cfg = Config.load(args.config, args.overrides)
     stats = Trainer(cfg, args.out).train(resume=not args.no_resume)
@@ -39,7 +40,7 @@ def cmd_sample(args) -> None:
     pipe = CaptionPipeline.from_pretrained(args.run, device=args.device)
     store = FeatureStore.open(args.features)
     ids = args.ids or store.ids
-    result = pipe(store.get(ids), seed=args.seed, **_sampler_overrides(args))
+    result = pipe(store.get(ids), **_sampler_overrides(args))
     for image_id, text in zip(ids, result.texts):
         print(f"{image_id}\t{text}")
     if args.out:
@@ -52,7 +53,7 @@ def cmd_eval(args) -> None:
     captions, features = _data_files(args.data)
     out = Path(args.out) if args.out else Path(args.run) / f"eval-{args.split}"
     metrics = evaluate_run(args.run, captions, features, args.split, out, device=args.device,
-                           seed=args.seed, **_sampler_overrides(args))
+                           **_sampler_overrides(args))
     print(json.dumps(metrics, indent=2))
 
 
@@ -106,7 +107,7 @@ def cmd_train_guidance(args) -> None:
 
 
 def cmd_distill(args) -> None:
-    from .distill import distill_captions
+    from .training.distill import distill_captions
 
     captions, features = _data_files(args.data)
     overrides = {"beam_size": args.beam} if args.beam else {}
@@ -125,29 +126,25 @@ def cmd_sweep(args) -> None:
 
 
 def _sampler_overrides(args) -> dict:
-    names = {"steps": "steps", "method": "method", "guidance": "guidance_scale", "mbr": "mbr", "beam": "beam_size",
-             "time_offset": "time_offset", "length": "length", "precision": "precision",
-             "classifier_scale": "classifier_scale", "classifier_path": "classifier_path"}
-    overrides = {field: getattr(args, flag) for flag, field in names.items() if getattr(args, flag, None) is not None}
-    if getattr(args, "collapse_repeats", False):
-        overrides["collapse_repeats"] = True
-    return overrides
+    """The sampler settings given on the command line (the run's own settings hold for the rest)."""
+    from .config import SamplerConfig
+
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplerConfig)
+            if getattr(args, f.name, None) is not None}
 
 
 def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, help="sampling steps (default: the run's)")
-    p.add_argument("--method", choices=["ddim", "ddpm", "refine"])
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
-    p.add_argument("--classifier-scale", type=float, help="classifier guidance scale (needs a guidance model)")
-    p.add_argument("--classifier-path", help="guidance model folder inside the run (default: guidance)")
-    p.add_argument("--mbr", type=int, help="minimum Bayes risk over this many samples")
-    p.add_argument("--time-offset", type=int, help="asymmetric time intervals: timesteps added to the network's t")
-    p.add_argument("--length", choices=["free", "expected"], help="caption length rule of the diffusion sampler")
-    p.add_argument("--precision", choices=["fp32", "bf16"], help="matmul precision while captioning")
-    p.add_argument("--collapse-repeats", action="store_true",
-                   help="drop tokens that repeat their left neighbour (non-autoregressive post-processing)")
-    p.add_argument("--beam", type=int, help="beam size of an autoregressive run (1 = greedy)")
-    p.add_argument("--seed", type=int, default=None)
+    """One flag per SamplerConfig field (``--time-offset`` for sampler.time_offset), defaulting to the run's."""
+    from .config import CHOICES, SamplerConfig
+
+    for f in dataclasses.fields(SamplerConfig):
+        flags = [f"--{f.name.replace('_', '-')}"] + ([f.metadata["flag"]] if "flag" in f.metadata else [])
+        kind = type(f.default)
+        text = f"sampler.{f.name} (default: the run's)"
+        if kind is bool:
+            p.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            p.add_argument(*flags, dest=f.name, type=kind, choices=CHOICES.get(("sampler", f.name)), help=text)
     p.add_argument("--device", default="cpu")
 
 
@@ -255,9 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    from .checkpoint import RunDirError
     from .config import ConfigError
     from .data.contract import DataError
+    from .training.rundir import RunDirError
 
     try:
         args.func(args)

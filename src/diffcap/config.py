@@ -1,15 +1,23 @@
 """Configuration: one dataclass per component, defaults in code, YAML files hold overrides only.
 
-A run's resolved config is saved as ``config.json`` in its run directory, and everything needed to
-rebuild the model and sampler is derived from it (see :mod:`diffcap.pipeline`).
+A config as written names what to build; :func:`resolve` adds what the data set and tokenizer imply
+(the condition's shape, the encoder that made the features, the widths of pretrained tables) and
+returns a new Config. Nothing else writes into a config. The resolved config is saved as
+``config.json`` in the run directory, and everything needed to rebuild the model and sampler is
+derived from it (see :mod:`diffcap.pipeline`).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .data.contract import FeatureSpec
+    from .text.tokenizer import CaptionTokenizer
 
 import yaml
 
@@ -72,8 +80,14 @@ class ModelConfig:
     score_head: str = "separate"
     fusion: str = "concat"  # "add" (like a time embedding) or "concat" (extra tokens + segment embedding)
     image_encoder: str | None = None  # "cnn": raw pixels go through a small CNN trained jointly (demo)
-    cond_dim: int = 0  # condition width C; filled in from the feature file
-    cond_tokens: int = 0  # condition tokens N (1 for a pooled vector); filled in from the feature file
+    cond_dim: int = 0  # condition width C; resolve() fills it in from the feature file
+    cond_tokens: int = 0  # condition tokens N (1 for a pooled vector); resolve() fills it in from the feature file
+
+
+# model.image_encoder="cnn" reads CNN_IMAGE_SIZE x CNN_IMAGE_SIZE RGB pixels into a grid of CNN_TOKENS
+# tokens CNN_WIDTH wide (models/image_encoder.py).
+CNN_IMAGE_SIZE, CNN_WIDTH = 64, 128
+CNN_TOKENS = (CNN_IMAGE_SIZE // 16) ** 2
 
 
 @dataclass
@@ -97,7 +111,7 @@ class SamplerConfig:
     method: str = "ddim"  # ddim, ddpm, or refine (the seed's loop that never re-noises)
     steps: int = 20
     clamp: bool = True  # snap x0 to the nearest embedding (Diffusion-LM's clamping trick)
-    guidance_scale: float = 1.0
+    guidance_scale: float = field(default=1.0, metadata={"flag": "--guidance"})  # classifier-free guidance
     # Classifier guidance (Dhariwal & Nichol, arXiv 2105.05233): scale of grad log p(c|x_t) from the
     # guidance model in RUN/<classifier_path>/ (trained by `diffcap train-guidance`); 0 = off.
     classifier_scale: float = 0.0
@@ -120,7 +134,7 @@ class SamplerConfig:
     # arXiv 1711.02281, read here off the denoiser's own first estimate instead of a separate head).
     length: str = "free"
     seed: int = 0
-    beam_size: int = 1  # autoregressive model: 1 = greedy
+    beam_size: int = field(default=1, metadata={"flag": "--beam"})  # autoregressive model: 1 = greedy
     # Matmuls in bfloat16 (torch.autocast) while captioning, for both model kinds: on CPUs with bf16
     # instructions (AVX512-BF16, AMX) and on GPUs they run several times faster than fp32.
     precision: str = "fp32"
@@ -165,13 +179,18 @@ class Config:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "Config":
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> Config:
+        """A config from a mapping of sections (a run's config.json), checked like a config file."""
         cfg = cls()
         apply_dict(cfg, data, source)
+        try:
+            validate(cfg)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from exc
         return cfg
 
     @classmethod
-    def load(cls, path: str | Path, overrides: list[str] = ()) -> "Config":
+    def load(cls, path: str | Path, overrides: list[str] = ()) -> Config:
         """Defaults, then the YAML/JSON file at ``path`` (if any), then ``key.sub=value`` overrides."""
         cfg = cls()
         if path:
@@ -237,7 +256,7 @@ def _coerce(value: Any, current: Any, key: str, source: str) -> Any:
     return value
 
 
-_CHOICES = {
+CHOICES = {  # (section, key) -> the values allowed
     ("data", "encoder_kind"): ("", "clip-image", "clip-text", "sentence-transformers"),
     ("model", "kind"): ("diffusion", "autoregressive"),
     ("model", "fusion"): ("add", "concat"),
@@ -255,24 +274,94 @@ _CHOICES = {
 }
 
 
-def validate(cfg: Config) -> None:
-    for (section, key), allowed in _CHOICES.items():
-        value = getattr(getattr(cfg, section), key)
-        if value not in allowed:
+MAX_MBR = 64  # MBR compares every pair of the k samples in Python: k^2 n-gram overlaps per caption
+
+
+def _check_choices(obj: Any, section: str) -> None:
+    for (name, key), allowed in CHOICES.items():
+        value = getattr(obj, key) if name == section else None
+        if name == section and value not in allowed:
             raise ConfigError(f"'{section}.{key}' is {value!r}; choose one of {list(allowed)}")
+
+
+def validate_sampler(sampler: SamplerConfig, num_timesteps: int) -> None:
+    """Check sampler settings (also those a caller overrides for one call)."""
+    _check_choices(sampler, "sampler")
+    if sampler.steps < 1 or sampler.steps > num_timesteps:
+        raise ConfigError(f"sampler.steps must be in 1..{num_timesteps}, got {sampler.steps}")
+    if not 1 <= sampler.mbr <= MAX_MBR:
+        raise ConfigError(f"sampler.mbr must be in 1..{MAX_MBR}, got {sampler.mbr}")
+    if sampler.beam_size < 1:
+        raise ConfigError(f"sampler.beam_size must be >= 1, got {sampler.beam_size}")
+    if sampler.time_offset < 0:
+        raise ConfigError(f"sampler.time_offset must be >= 0, got {sampler.time_offset}")
+    if sampler.classifier_scale < 0:
+        raise ConfigError("sampler.classifier_scale must be >= 0 (0 = no classifier guidance)")
+
+
+def validate(cfg: Config) -> None:
+    for section in ("data", "model", "diffusion", "train"):
+        _check_choices(getattr(cfg, section), section)
+    validate_sampler(cfg.sampler, cfg.diffusion.num_timesteps)
     if cfg.model.d_model % cfg.model.n_heads:
         raise ConfigError(f"model.d_model={cfg.model.d_model} is not divisible by model.n_heads={cfg.model.n_heads}")
     if cfg.model.score_interpolation and cfg.diffusion.objective != "x0":
         raise ConfigError("model.score_interpolation predicts x0 from logits: it needs diffusion.objective=x0")
     if cfg.diffusion.timesteps_per_caption < 1:
         raise ConfigError("diffusion.timesteps_per_caption must be >= 1")
-    if cfg.sampler.steps < 1 or cfg.sampler.steps > cfg.diffusion.num_timesteps:
-        raise ConfigError(f"sampler.steps must be in 1..{cfg.diffusion.num_timesteps}")
     if cfg.data.feature_noise_std < 0:
         raise ConfigError(f"data.feature_noise_std must be >= 0, got {cfg.data.feature_noise_std}")
-    if cfg.sampler.time_offset < 0:
-        raise ConfigError(f"sampler.time_offset must be >= 0, got {cfg.sampler.time_offset}")
-    if cfg.sampler.classifier_scale < 0:
-        raise ConfigError("sampler.classifier_scale must be >= 0 (0 = no classifier guidance)")
     if not 0.0 <= cfg.diffusion.cond_dropout < 1.0:
         raise ConfigError("diffusion.cond_dropout must be in [0, 1)")
+
+
+FEATURE_ENCODER_KINDS = ("clip-image", "clip-text", "sentence-transformers")  # kinds `diffcap caption` can rerun
+
+
+def resolve(cfg: Config, data: FeatureSpec, tokenizer: CaptionTokenizer) -> Config:
+    """A new Config: ``cfg`` with what the feature file ``data`` and the tokenizer imply filled in.
+
+    - model.cond_tokens, model.cond_dim: the condition's shape (the feature items', or the CNN grid's);
+    - data.encoder, data.encoder_kind: which encoder made the features (unless the config names one),
+      so `diffcap caption` can encode new images the same way;
+    - model.emb_dim: the width of a pretrained embedding table (model.embedding);
+    - model.d_model: the width of a pretrained backbone (model.backbone).
+    Raises ConfigError if the features or the tokenizer cannot feed the model ``cfg`` describes.
+    """
+    out = copy.deepcopy(cfg)
+    m = out.model
+    m.cond_tokens, m.cond_dim = condition_shape_of(m, data)
+    if not out.data.encoder:
+        out.data.encoder = data.metadata.get("encoder", "")
+        kind = data.metadata.get("kind", "")
+        out.data.encoder_kind = kind if kind in FEATURE_ENCODER_KINDS else ""
+    if m.embedding != "learned" or m.backbone:
+        from transformers import AutoConfig
+
+        if m.embedding != "learned":
+            table = AutoConfig.from_pretrained(m.embedding)
+            if table.vocab_size != tokenizer.vocab_size:
+                raise ConfigError(f"model.embedding={m.embedding!r} has {table.vocab_size} rows but the tokenizer has "
+                                  f"{tokenizer.vocab_size} tokens: use the same checkpoint for text.tokenizer")
+            m.emb_dim = getattr(table, "embedding_size", None) or table.hidden_size
+        if m.backbone:
+            m.d_model = AutoConfig.from_pretrained(m.backbone).hidden_size
+    validate(out)
+    return out
+
+
+def condition_shape_of(m: ModelConfig, data: FeatureSpec) -> tuple[int, int]:
+    """(tokens N, width C) of the condition for the items of the feature file ``data``."""
+    shape = data.item_shape
+    if m.image_encoder:
+        if not data.is_pixels:
+            raise ConfigError(f"model.image_encoder={m.image_encoder!r} needs raw pixel items; "
+                              f"{data.path} holds {shape} {data.dtype} features")
+        return CNN_TOKENS, CNN_WIDTH
+    if data.is_pixels:
+        raise ConfigError(f"{data.path} holds raw images {shape}: set model.image_encoder=cnn")
+    if len(shape) == 1:
+        return 1, shape[0]
+    if len(shape) == 2:
+        return shape[0], shape[1]
+    raise ConfigError(f"{data.path}: feature items must be vectors (D,) or token grids (N, D), got {shape}")

@@ -9,11 +9,11 @@ from pathlib import Path
 import torch
 
 from .caching import cached_while_unchanged
-from .checkpoint import load_run
-from .config import Config, SamplerConfig
-from .diffusion.diffusion import GaussianDiffusion
-from .diffusion.sampler import Sampler
+from .config import Config, ConfigError, SamplerConfig, validate_sampler
+from .models.base import Captioner
+from .models.conditioning import feature_shape
 from .text.tokenizer import CaptionTokenizer
+from .training.rundir import RunDir
 
 
 @dataclass
@@ -24,12 +24,11 @@ class Captions:
 
 
 class CaptionPipeline:
-    def __init__(self, cfg: Config, model: torch.nn.Module, tokenizer: CaptionTokenizer,
+    def __init__(self, cfg: Config, model: Captioner, tokenizer: CaptionTokenizer,
                  device: str | torch.device = "cpu"):
         self.cfg, self.tokenizer = cfg, tokenizer
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
-        self.diffusion = GaussianDiffusion(cfg.diffusion).to(self.device)
         self.run_dir: Path | None = None  # where classifier-guidance models are looked up
         self.classifiers: dict[str, torch.nn.Module] = {}  # sampler.classifier_path -> loaded model
         self._bf16_cache = None  # the bf16 copy of the model (see _model_for)
@@ -46,36 +45,60 @@ class CaptionPipeline:
         return self.classifiers[path]
 
     @classmethod
-    def from_pretrained(cls, run_dir: str | Path, *, ema: bool = True, device: str = "cpu") -> "CaptionPipeline":
-        cfg, model, tokenizer = load_run(run_dir, ema=ema)
+    def from_pretrained(cls, run_dir: str | Path, *, ema: bool = True, device: str = "cpu") -> CaptionPipeline:
+        cfg, model, tokenizer = RunDir(run_dir).load_model(ema=ema)
         pipe = cls(cfg, model, tokenizer, device)
         pipe.run_dir = Path(run_dir)
         return pipe
 
     @property
     def feature_shape(self) -> tuple[int, ...]:
-        m = self.cfg.model
-        if m.image_encoder:
-            return (3, 64, 64)
-        return (m.cond_dim,) if m.cond_tokens == 1 else (m.cond_tokens, m.cond_dim)
+        return feature_shape(self.cfg.model)
 
     def check_features(self, features: torch.Tensor, source: str = "features") -> None:
         shape = tuple(features.shape[1:])
-        if shape != self.feature_shape and not (self.cfg.model.cond_tokens == 1 and shape == (1, self.cfg.model.cond_dim)):
+        m = self.cfg.model
+        if shape != self.feature_shape and not (m.cond_tokens == 1 and shape == (1, m.cond_dim)):
             raise ValueError(f"{source}: items have shape {shape} but this run was trained on {self.feature_shape}")
 
     @torch.no_grad()
     def __call__(self, features: torch.Tensor, *, seed: int | None = None, batch_size: int = 64,
                  trajectory: bool = False, **sampler_overrides) -> Captions:
         """Caption a batch of features [N x ...]. ``sampler_overrides`` (steps=, method=, guidance_scale=,
-        classifier_scale=, clamp=, mbr=, precision=, ...) change the run's sampler settings for this call only."""
+        classifier_scale=, clamp=, mbr=, beam_size=, precision=, ...) change the run's sampler settings
+        for this call only; one the model does not use (steps= for an autoregressive run) is an error."""
         self.check_features(features)
-        precision = sampler_overrides.get("precision", self.cfg.sampler.precision)
-        model = self._model_for(precision)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            if self.cfg.model.kind == "autoregressive":
-                return self._generate_autoregressive(model, features, batch_size, **sampler_overrides)
-            return self._sample_diffusion(model, features, seed, batch_size, trajectory, sampler_overrides)
+        sampler_cfg = self.sampler_config(seed=seed, **sampler_overrides)
+        model = self._model_for(sampler_cfg.precision)
+        classifier = self.classifier(sampler_cfg.classifier_path) if sampler_cfg.classifier_scale > 0 else None
+        generator = torch.Generator(self.device).manual_seed(sampler_cfg.seed)
+        texts: list[str] = []
+        trajs: list[list[tuple[int, str]]] = []
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=sampler_cfg.precision == "bf16"):
+            for start in range(0, len(features), batch_size):
+                out = model.generate(features[start:start + batch_size].to(self.device), sampler_cfg,
+                                     generator=generator, trajectory=trajectory, classifier=classifier)
+                texts += self.tokenizer.decode(out.ids.cpu())
+                steps = [(t, self.tokenizer.decode_tokens(ids)) for t, ids in out.trajectory]
+                for i in range(out.ids.shape[0] if trajectory else 0):
+                    trajs.append([(t, " ".join(tokens[i])) for t, tokens in steps])
+        if hasattr(model, "last_nfe"):  # forwards of the last batch (counted by the AR search), also for a bf16 copy
+            self.model.last_nfe = model.last_nfe
+        return Captions(texts, trajs if trajectory else None)
+
+    def sampler_config(self, seed: int | None = None, **overrides) -> SamplerConfig:
+        """The run's sampler settings with ``overrides`` (and ``seed``, if given) applied and checked."""
+        if seed is not None:
+            overrides["seed"] = seed
+        try:
+            sampler_cfg = dataclasses.replace(self.cfg.sampler, **overrides)
+        except TypeError as exc:
+            raise ConfigError(f"unknown sampler setting in {sorted(overrides)}: {exc}") from exc
+        if unused := sorted(set(overrides) - self.model.sampler_fields):
+            raise ConfigError(f"sampler.{', sampler.'.join(unused)} does not apply to {type(self.model).__name__} "
+                              f"(it reads {sorted(self.model.sampler_fields)}); leave it out")
+        validate_sampler(sampler_cfg, self.cfg.diffusion.num_timesteps)
+        return sampler_cfg
 
     def _model_for(self, precision: str) -> torch.nn.Module:
         """The model to caption with. For bf16, a copy whose nn.Linear weights are stored in bfloat16:
@@ -94,35 +117,3 @@ class CaptionPipeline:
 
         state = (*self.model.parameters(), *self.model.buffers())  # buffers: e.g. the allowed-token mask
         return cached_while_unchanged(self, "_bf16_cache", state, bf16_copy)
-
-    def _sample_diffusion(self, model: torch.nn.Module, features: torch.Tensor, seed: int | None, batch_size: int,
-                          trajectory: bool, sampler_overrides: dict) -> Captions:
-        sampler_cfg: SamplerConfig = dataclasses.replace(self.cfg.sampler, **sampler_overrides)
-        classifier = self.classifier(sampler_cfg.classifier_path) if sampler_cfg.classifier_scale > 0 else None
-        sampler = Sampler(model, self.diffusion, sampler_cfg, self.cfg.text.max_length, self.tokenizer.pad_id,
-                          classifier=classifier)
-        generator = torch.Generator(self.device).manual_seed(sampler_cfg.seed if seed is None else seed)
-        texts: list[str] = []
-        trajs: list[list[tuple[int, str]]] = []
-        for start in range(0, len(features), batch_size):
-            out = sampler.sample(features[start:start + batch_size].to(self.device), generator, trajectory)
-            texts += self.tokenizer.decode(out.ids.cpu())
-            if trajectory:
-                steps = [(t, self.tokenizer.decode_tokens(ids)) for t, ids in out.trajectory]
-                for i in range(out.ids.shape[0]):
-                    trajs.append([(t, " ".join(tokens[i])) for t, tokens in steps])
-        return Captions(texts, trajs if trajectory else None)
-
-    def _generate_autoregressive(self, model: torch.nn.Module, features: torch.Tensor, batch_size: int,
-                                 beam_size: int | None = None, **ignored) -> Captions:
-        """Greedy or beam search with the KV cache; diffusion-only settings (steps, clamp...) do not apply."""
-        beam = self.cfg.sampler.beam_size if beam_size is None else beam_size
-        tok = self.tokenizer
-        texts: list[str] = []
-        for start in range(0, len(features), batch_size):
-            ids = model.generate(features[start:start + batch_size].to(self.device),
-                                 max_length=self.cfg.text.max_length, bos_id=tok.bos_id, eos_id=tok.eos_id,
-                                 pad_id=tok.pad_id, beam_size=beam)
-            texts += tok.decode(ids.cpu())
-        self.model.last_nfe = model.last_nfe  # forwards of the last batch, also when a bf16 copy ran
-        return Captions(texts, None)

@@ -264,6 +264,20 @@ def write_features(
         save_file(_without_aliasing(tensors), str(tmp), metadata=meta or None)
 
 
+@dataclass(frozen=True)
+class FeatureSpec:
+    """What a features file says about its items, without the items: enough to configure a model."""
+
+    path: Path
+    item_shape: tuple[int, ...]
+    dtype: torch.dtype
+    metadata: dict[str, str]
+
+    @property
+    def is_pixels(self) -> bool:
+        return self.metadata.get("kind") == "pixels" or self.dtype == torch.uint8
+
+
 class FeatureStore:
     """An opened, validated features file, held in memory.
 
@@ -299,6 +313,10 @@ class FeatureStore:
         if bad := _non_finite_ids(items):
             raise DataError(f"{path}: NaN or infinite values in {describe_ids(bad)}")
         return cls(path, items, metadata)
+
+    @property
+    def spec(self) -> FeatureSpec:
+        return FeatureSpec(self.path, self.item_shape, self.dtype, dict(self.metadata))
 
     @property
     def ids(self) -> list[str]:

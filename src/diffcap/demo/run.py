@@ -18,7 +18,7 @@ from ..evaluation.metrics import coco_metrics, write_coco_results
 from ..evaluation.report import write_report
 from ..io import write_json
 from ..pipeline import CaptionPipeline
-from ..train import Trainer
+from ..training import Trainer
 from .dataset import make_demo_dataset, write_demo_dataset
 from .scenes import load_scenes
 from .scoring import attribute_accuracy

@@ -109,7 +109,7 @@ def save_guidance(folder: str | Path, classifier: GuidanceClassifier, record: di
 def load_guidance(folder: str | Path, device: str | torch.device = "cpu") -> GuidanceClassifier:
     """Load ``folder``'s guidance classifier; a missing, truncated or mismatched file raises
     :class:`~diffcap.checkpoint.RunDirError` (a FileNotFoundError) naming it."""
-    from ..checkpoint import RunDirError, load_weights
+    from ..training.rundir import RunDirError, load_weights
 
     folder = Path(folder)
     if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():

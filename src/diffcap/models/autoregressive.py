@@ -24,8 +24,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..config import ModelConfig
-from .image_encoder import ConvImageEncoder
+from ..config import ModelConfig, SamplerConfig
+from .base import Captioner, Generation
+from .conditioning import condition_shape, make_image_encoder
 
 MODEL_TYPE = "diffcap_autoregressive"
 IGNORE_INDEX = -100
@@ -131,7 +132,7 @@ class _Stepper:
     cached path is tested against); with it, one position per step. ``nfe`` counts decoder forwards.
     """
 
-    def __init__(self, model: "AutoregressiveCaptioner", prefix: torch.Tensor, bos_id: int, max_length: int,
+    def __init__(self, model: AutoregressiveCaptioner, prefix: torch.Tensor, bos_id: int, max_length: int,
                  use_cache: bool):
         self.model = model
         self.prefix = prefix  # [B x N x D], already projected and position-embedded
@@ -174,7 +175,7 @@ class _Stepper:
         return self.model.logits(h[:, -1])
 
 
-class AutoregressiveCaptioner(nn.Module):
+class AutoregressiveCaptioner(Captioner):
     """ClipCap-style prefix + causal transformer decoder with tied input/output embeddings.
 
     Args:
@@ -184,7 +185,6 @@ class AutoregressiveCaptioner(nn.Module):
         vocab_size: rows of the token table (tokenizer.vocab_size).
         seq_len: the most words a caption has (text.max_length); the decoder has seq_len + 1
             caption positions, [BOS] w1 .. w_seq_len.
-        pretrained: kept for signature parity; nothing here is pretrained.
         backbone_config: a saved :meth:`body_config`; rebuilds the same architecture and special ids.
         bos_id, eos_id, pad_id: the tokenizer's special ids. The loss builds [BOS] w [EOS] itself,
             so the model must know them; they are saved in :meth:`body_config`, so a model rebuilt
@@ -192,10 +192,11 @@ class AutoregressiveCaptioner(nn.Module):
     """
 
     iterative = False  # generation decodes left to right, one token per forward
+    # Greedy and beam search draw nothing at random, so no seed; the rest of SamplerConfig is diffusion's.
+    sampler_fields = frozenset({"beam_size", "precision"})
 
-    def __init__(self, cfg: ModelConfig, *, vocab_size: int, seq_len: int, pretrained: bool = True,
-                 backbone_config: dict | None = None, bos_id: int | None = None, eos_id: int | None = None,
-                 pad_id: int | None = None):
+    def __init__(self, cfg: ModelConfig, *, vocab_size: int, seq_len: int, backbone_config: dict | None = None,
+                 bos_id: int | None = None, eos_id: int | None = None, pad_id: int | None = None):
         super().__init__()
         if cfg.backbone:
             raise ValueError("the autoregressive captioner has no pretrained backbone: set model.backbone to null")
@@ -212,23 +213,20 @@ class AutoregressiveCaptioner(nn.Module):
         if None in (self.bos_id, self.eos_id, self.pad_id):
             raise ValueError("AutoregressiveCaptioner needs bos_id, eos_id and pad_id (from the tokenizer) "
                              "or a backbone_config saved by body_config()")
-        if saved:  # the saved architecture wins, as a saved transformers config does for the diffusion body
-            cfg.d_model, cfg.n_layers, cfg.n_heads = saved["d_model"], saved["n_layers"], saved["n_heads"]
-        self.ffn_dim = saved.get("ffn_dim", 4 * cfg.d_model)
-        if cfg.d_model % cfg.n_heads:
-            raise ValueError(f"d_model={cfg.d_model} is not divisible by n_heads={cfg.n_heads}")
+        # The saved architecture wins, as a saved transformers config does for the diffusion body.
+        d, n_layers, n_heads = (saved.get(k, getattr(cfg, k)) for k in ("d_model", "n_layers", "n_heads"))
+        self.d_model = d
+        self.ffn_dim = saved.get("ffn_dim", 4 * d)
+        if d % n_heads:
+            raise ValueError(f"d_model={d} is not divisible by n_heads={n_heads}")
 
-        self.image_encoder = ConvImageEncoder() if cfg.image_encoder == "cnn" else None
-        if self.image_encoder is not None:
-            cfg.cond_dim, cfg.cond_tokens = self.image_encoder.out_dim, self.image_encoder.pos.shape[1]
-        if cfg.cond_dim <= 0 or cfg.cond_tokens <= 0:
-            raise ValueError("model.cond_dim and model.cond_tokens must be set (they come from the feature file)")
+        self.image_encoder = make_image_encoder(cfg)
+        self.cond_tokens, self.cond_dim = condition_shape(cfg)
 
-        d = cfg.d_model
         # The same Linear + LayerNorm projection as the diffusion denoiser's cond_proj, so the two
         # captioners read the condition identically and differ only in how they generate.
-        self.cond_proj = nn.Sequential(nn.Linear(cfg.cond_dim, d), nn.LayerNorm(d))
-        self.prefix_pos = nn.Parameter(torch.zeros(cfg.cond_tokens, d))
+        self.cond_proj = nn.Sequential(nn.Linear(self.cond_dim, d), nn.LayerNorm(d))
+        self.prefix_pos = nn.Parameter(torch.zeros(self.cond_tokens, d))
         # Separate caption positions: caption position i means the same thing whatever the prefix length.
         self.token_pos = nn.Parameter(torch.zeros(seq_len + 1, d))
         # The output head is tied to this table and has no bias (Press & Wolf 2017, arXiv 1608.05859);
@@ -236,8 +234,7 @@ class AutoregressiveCaptioner(nn.Module):
         # safetensors refuses to save a state dict with two names for one storage.
         self.token_embedding = nn.Embedding(vocab_size, d)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(DecoderBlock(d, cfg.n_heads, self.ffn_dim, cfg.dropout)
-                                    for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(DecoderBlock(d, n_heads, self.ffn_dim, cfg.dropout) for _ in range(n_layers))
         self.ln_f = nn.LayerNorm(d)
         self.last_nfe = 0
         self._init_weights()
@@ -260,18 +257,11 @@ class AutoregressiveCaptioner(nn.Module):
     def body_config(self) -> dict:
         """The decoder's architecture and special ids, saved so :meth:`__init__` can rebuild it offline."""
         return {
-            "model_type": MODEL_TYPE, "d_model": self.cfg.d_model, "n_layers": self.cfg.n_layers,
-            "n_heads": self.cfg.n_heads, "ffn_dim": self.ffn_dim, "vocab_size": self.vocab_size,
-            "seq_len": self.seq_len, "cond_dim": self.cfg.cond_dim, "cond_tokens": self.cfg.cond_tokens,
+            "model_type": MODEL_TYPE, "d_model": self.d_model, "n_layers": len(self.blocks),
+            "n_heads": self.blocks[0].attn.n_heads, "ffn_dim": self.ffn_dim, "vocab_size": self.vocab_size,
+            "seq_len": self.seq_len, "cond_dim": self.cond_dim, "cond_tokens": self.cond_tokens,
             "attention_mask": "prefix_lm", "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id,
         }
-
-    def encode_condition(self, features: torch.Tensor) -> torch.Tensor:
-        """Features as stored in the feature file -> condition tokens [B x N x C]."""
-        if self.image_encoder is not None:
-            return self.image_encoder(features)
-        features = features.float()
-        return features[:, None] if features.dim() == 2 else features
 
     def embed_prefix(self, cond: torch.Tensor) -> torch.Tensor:
         """Condition tokens [B x N x C] -> prefix [B x N x D]."""
@@ -356,27 +346,42 @@ class AutoregressiveCaptioner(nn.Module):
         """Same as :meth:`loss`: DDP only synchronises gradients for work done inside ``forward``."""
         return self.loss(ids, features)
 
+    def training_losses(self, ids, features, *, noise=None, net=None) -> dict[str, torch.Tensor]:
+        """Teacher-forced cross-entropy (:meth:`loss`); ``noise`` is not needed, nothing is drawn."""
+        return (net or self)(ids, features)
+
+    def validation_losses(self, ids, features) -> dict[str, float]:
+        return {"loss": float(self.loss(ids, features)["loss"])}
+
     # ---- generation ------------------------------------------------------------------------------
+    def generate(self, features, sampler_cfg: SamplerConfig, *, generator=None, trajectory=False,
+                 classifier=None) -> Generation:
+        """Greedy decoding (``sampler_cfg.beam_size`` 1) or beam search up to ``seq_len`` words. Both
+        are deterministic, so ``generator`` is never drawn from."""
+        if trajectory:
+            raise ValueError("the autoregressive captioner writes left to right: it has no trajectory of "
+                             "refined estimates (trajectory=True needs a diffusion run)")
+        if classifier is not None:
+            raise ValueError("classifier guidance steers a diffusion sampler, not the autoregressive captioner")
+        return Generation(self.search(features, max_length=self.seq_len, beam_size=sampler_cfg.beam_size))
+
     @torch.no_grad()
-    def generate(self, features: torch.Tensor, *, max_length: int, bos_id: int, eos_id: int, pad_id: int,
-                 beam_size: int = 1, generator: torch.Generator | None = None, use_cache: bool = True,
-                 length_penalty: float = 1.0) -> torch.Tensor:
+    def search(self, features: torch.Tensor, *, max_length: int, beam_size: int = 1, use_cache: bool = True,
+               length_penalty: float = 1.0) -> torch.Tensor:
         """Decode captions: greedy for beam_size 1, beam search otherwise.
 
         Args:
             features: [B x ...] features as stored in the feature file.
             max_length: most words per caption (<= seq_len); a caption not ended by EOS is cut there.
-            bos_id, eos_id, pad_id: the tokenizer's special ids.
             beam_size: 1 for greedy decoding.
-            generator: unused (both searches are deterministic); accepted for parity with the
-                diffusion samplers.
             use_cache: reuse keys/values of earlier positions (one position per forward) or re-run
                 the whole sequence each step (the reference the cache is tested against).
             length_penalty: beam hypotheses are ranked by sum log p / len ** length_penalty, len
                 counting EOS (Wu et al. 2016, arXiv 1609.08144, use a softer form; 1.0 = per-token mean).
         Returns:
-            [B x max_length] word ids, right-padded with pad_id, without BOS/EOS. Sets ``last_nfe``.
+            [B x max_length] word ids, right-padded with PAD, without BOS/EOS. Sets ``last_nfe``.
         """
+        bos_id, eos_id, pad_id = self.bos_id, self.eos_id, self.pad_id
         if not 1 <= max_length <= self.seq_len:
             raise ValueError(f"max_length must be in 1..{self.seq_len}, got {max_length}")
         if beam_size < 1:
@@ -386,91 +391,93 @@ class AutoregressiveCaptioner(nn.Module):
         # PAD and BOS are never targets; banning them keeps an undertrained model from emitting them.
         banned = sorted({pad_id, bos_id} - {eos_id})
         if beam_size == 1:
-            out = self._greedy(stepper, max_length, eos_id, pad_id, banned)
+            out = greedy_search(stepper, max_length, eos_id, pad_id, banned)
         else:
-            out = self._beam_search(stepper, max_length, eos_id, pad_id, banned, beam_size, length_penalty)
+            out = beam_search(stepper, max_length, eos_id, pad_id, banned, beam_size, length_penalty)
         self.last_nfe = stepper.nfe
         return out
 
-    @staticmethod
-    def _ban(logits: torch.Tensor, banned: list[int]) -> torch.Tensor:
-        logits = logits.float()
-        logits[..., banned] = float("-inf")
-        return logits
 
-    def _greedy(self, stepper: _Stepper, max_length: int, eos_id: int, pad_id: int,
-                banned: list[int]) -> torch.Tensor:
-        logits = self._ban(stepper.start(), banned)  # [B x V]
-        batch = logits.shape[0]
-        out = torch.full((batch, max_length), pad_id, dtype=torch.long, device=logits.device)
-        finished = torch.zeros(batch, dtype=torch.bool, device=logits.device)
-        for t in range(max_length):
-            tok = logits.argmax(dim=-1)
-            finished = finished | (tok == eos_id)
-            out[:, t] = torch.where(finished, torch.full_like(tok, pad_id), tok)
-            if bool(finished.all()) or t == max_length - 1:
-                break
-            logits = self._ban(stepper.step(tok), banned)
-        return out
+def _ban(logits: torch.Tensor, banned: list[int]) -> torch.Tensor:
+    """Logits in fp32 with the ``banned`` ids made impossible."""
+    logits = logits.float()
+    logits[..., banned] = float("-inf")
+    return logits
 
-    def _beam_search(self, stepper: _Stepper, max_length: int, eos_id: int, pad_id: int, banned: list[int],
-                     k: int, length_penalty: float) -> torch.Tensor:
-        """Standard beam search with length-normalised finished hypotheses (as in HF transformers).
 
-        Live beams are ranked by their summed log-probability; a candidate ending in EOS among the
-        top-k ranks becomes a finished hypothesis scored sum log p / (words + 1) ** length_penalty.
-        An item stops once it has k finished hypotheses and its best live beam's normalised score is
-        no better than the worst of them (HF's ``early_stopping=False`` rule); at max_length words
-        every live beam is forced to end with EOS. The best finished hypothesis is returned.
-        """
-        logp = torch.log_softmax(self._ban(stepper.start(), banned), dim=-1)  # [B x V]
-        batch, vocab = logp.shape
-        device = logp.device
-        if 2 * k > vocab - len(banned):
-            raise ValueError(f"beam_size={k} is too large for a vocabulary of {vocab} tokens")
-        # Expand after the prefill: the prefix and BOS are computed once per item, not once per beam.
-        stepper.reorder(torch.arange(batch, device=device).repeat_interleave(k))
-        logp = logp[:, None].expand(batch, k, vocab)
-        # All k beams start identical; -inf on all but one keeps the first expansion from picking duplicates.
-        beam_scores = torch.full((batch, k), float("-inf"), device=device)
-        beam_scores[:, 0] = 0.0
-        beam_tokens = torch.full((batch, k, max_length), pad_id, dtype=torch.long, device=device)
-        fin_scores = torch.full((batch, k), float("-inf"), device=device)
-        fin_tokens = beam_tokens.clone()
-        done = torch.zeros(batch, dtype=torch.bool, device=device)
-        rank_ok = torch.arange(2 * k, device=device) < k
-        offsets = torch.arange(batch, device=device)[:, None] * k
-        for t in range(max_length + 1):  # t = words already in the live beams
-            cand = beam_scores[..., None] + logp  # [B x K x V]
-            if t == max_length:
-                eos_only = torch.full_like(cand, float("-inf"))
-                eos_only[..., eos_id] = cand[..., eos_id]
-                cand = eos_only
-            top_scores, top_idx = cand.reshape(batch, k * vocab).topk(2 * k, dim=1)  # [B x 2K], sorted
-            src, tok = top_idx // vocab, top_idx % vocab
-            is_eos = tok == eos_id
+def greedy_search(stepper: _Stepper, max_length: int, eos_id: int, pad_id: int, banned: list[int]) -> torch.Tensor:
+    logits = _ban(stepper.start(), banned)  # [B x V]
+    batch = logits.shape[0]
+    out = torch.full((batch, max_length), pad_id, dtype=torch.long, device=logits.device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=logits.device)
+    for t in range(max_length):
+        tok = logits.argmax(dim=-1)
+        finished = finished | (tok == eos_id)
+        out[:, t] = torch.where(finished, torch.full_like(tok, pad_id), tok)
+        if bool(finished.all()) or t == max_length - 1:
+            break
+        logits = _ban(stepper.step(tok), banned)
+    return out
 
-            new_fin = is_eos & rank_ok & torch.isfinite(top_scores) & ~done[:, None]
-            norm = torch.where(new_fin, top_scores / (t + 1) ** length_penalty, torch.full_like(top_scores, -math.inf))
-            cand_tokens = beam_tokens.gather(1, src[..., None].expand(-1, -1, max_length))  # [B x 2K x L]
-            all_scores = torch.cat([fin_scores, norm], dim=1)
-            all_tokens = torch.cat([fin_tokens, cand_tokens], dim=1)
-            fin_scores, sel = all_scores.topk(k, dim=1)
-            fin_tokens = all_tokens.gather(1, sel[..., None].expand(-1, -1, max_length))
-            if t == max_length:
-                break
 
-            # The k best candidates that do not end: a stable sort on is_eos keeps the score order.
-            keep = torch.sort(is_eos.int(), dim=1, stable=True).indices[:, :k]
-            beam_scores = top_scores.gather(1, keep)
-            src, tok = src.gather(1, keep), tok.gather(1, keep)
-            beam_tokens = beam_tokens.gather(1, src[..., None].expand(-1, -1, max_length))
-            beam_tokens[:, :, t] = tok
-            worst_fin = fin_scores[:, -1]
-            best_live = beam_scores[:, 0] / (t + 1) ** length_penalty
-            done = done | (torch.isfinite(worst_fin) & (best_live <= worst_fin))
-            if bool(done.all()):
-                break
-            stepper.reorder((offsets + src).reshape(-1))
-            logp = torch.log_softmax(self._ban(stepper.step(tok.reshape(-1)), banned), dim=-1).view(batch, k, vocab)
-        return fin_tokens[:, 0]
+def beam_search(stepper: _Stepper, max_length: int, eos_id: int, pad_id: int, banned: list[int], k: int,
+                length_penalty: float) -> torch.Tensor:
+    """Standard beam search with length-normalised finished hypotheses (as in HF transformers).
+
+    Live beams are ranked by their summed log-probability; a candidate ending in EOS among the
+    top-k ranks becomes a finished hypothesis scored sum log p / (words + 1) ** length_penalty.
+    An item stops once it has k finished hypotheses and its best live beam's normalised score is
+    no better than the worst of them (HF's ``early_stopping=False`` rule); at max_length words
+    every live beam is forced to end with EOS. The best finished hypothesis is returned.
+    """
+    logp = torch.log_softmax(_ban(stepper.start(), banned), dim=-1)  # [B x V]
+    batch, vocab = logp.shape
+    device = logp.device
+    if 2 * k > vocab - len(banned):
+        raise ValueError(f"beam_size={k} is too large for a vocabulary of {vocab} tokens")
+    # Expand after the prefill: the prefix and BOS are computed once per item, not once per beam.
+    stepper.reorder(torch.arange(batch, device=device).repeat_interleave(k))
+    logp = logp[:, None].expand(batch, k, vocab)
+    # All k beams start identical; -inf on all but one keeps the first expansion from picking duplicates.
+    beam_scores = torch.full((batch, k), float("-inf"), device=device)
+    beam_scores[:, 0] = 0.0
+    beam_tokens = torch.full((batch, k, max_length), pad_id, dtype=torch.long, device=device)
+    fin_scores = torch.full((batch, k), float("-inf"), device=device)
+    fin_tokens = beam_tokens.clone()
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    rank_ok = torch.arange(2 * k, device=device) < k
+    offsets = torch.arange(batch, device=device)[:, None] * k
+    for t in range(max_length + 1):  # t = words already in the live beams
+        cand = beam_scores[..., None] + logp  # [B x K x V]
+        if t == max_length:
+            eos_only = torch.full_like(cand, float("-inf"))
+            eos_only[..., eos_id] = cand[..., eos_id]
+            cand = eos_only
+        top_scores, top_idx = cand.reshape(batch, k * vocab).topk(2 * k, dim=1)  # [B x 2K], sorted
+        src, tok = top_idx // vocab, top_idx % vocab
+        is_eos = tok == eos_id
+
+        new_fin = is_eos & rank_ok & torch.isfinite(top_scores) & ~done[:, None]
+        norm = torch.where(new_fin, top_scores / (t + 1) ** length_penalty, torch.full_like(top_scores, -math.inf))
+        cand_tokens = beam_tokens.gather(1, src[..., None].expand(-1, -1, max_length))  # [B x 2K x L]
+        all_scores = torch.cat([fin_scores, norm], dim=1)
+        all_tokens = torch.cat([fin_tokens, cand_tokens], dim=1)
+        fin_scores, sel = all_scores.topk(k, dim=1)
+        fin_tokens = all_tokens.gather(1, sel[..., None].expand(-1, -1, max_length))
+        if t == max_length:
+            break
+
+        # The k best candidates that do not end: a stable sort on is_eos keeps the score order.
+        keep = torch.sort(is_eos.int(), dim=1, stable=True).indices[:, :k]
+        beam_scores = top_scores.gather(1, keep)
+        src, tok = src.gather(1, keep), tok.gather(1, keep)
+        beam_tokens = beam_tokens.gather(1, src[..., None].expand(-1, -1, max_length))
+        beam_tokens[:, :, t] = tok
+        worst_fin = fin_scores[:, -1]
+        best_live = beam_scores[:, 0] / (t + 1) ** length_penalty
+        done = done | (torch.isfinite(worst_fin) & (best_live <= worst_fin))
+        if bool(done.all()):
+            break
+        stepper.reorder((offsets + src).reshape(-1))
+        logp = torch.log_softmax(_ban(stepper.step(tok.reshape(-1)), banned), dim=-1).view(batch, k, vocab)
+    return fin_tokens[:, 0]

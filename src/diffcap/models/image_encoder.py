@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..config import CNN_IMAGE_SIZE, CNN_WIDTH
+
 
 def _block(c_in: int, c_out: int, stride: int) -> nn.Sequential:
     return nn.Sequential(
@@ -24,7 +26,7 @@ class ConvImageEncoder(nn.Module):
     ("left of", "above") need; the learned positions tell the denoiser which cell is which.
     """
 
-    def __init__(self, *, width: int = 128, image_size: int = 64):
+    def __init__(self, *, width: int = CNN_WIDTH, image_size: int = CNN_IMAGE_SIZE):
         super().__init__()
         self.net = nn.Sequential(
             # stride 2 from the first layer: full-resolution convolutions cost most of a CPU step

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_run
 from ..data.contract import FeatureStore, read_captions
 from ..data.datasets import load_split
 from ..diffusion.diffusion import GaussianDiffusion
 from ..diffusion.guidance import GuidanceClassifier, contrastive_loss, save_guidance
+from .rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def train_guidance(run_dir: str | Path, *, kind: str = "linear", steps: int = 50
     ``RUN/<out>/``. Returns the training record (also saved in guidance.json).
     """
     run_dir = Path(run_dir)
-    cfg, model, tokenizer = load_run(run_dir)
+    cfg, model, tokenizer = RunDir(run_dir).load_model()
     if not model.iterative:
         raise ValueError(f"{run_dir}: classifier guidance steers an iterative (diffusion) sampler; "
                          f"this run decodes left to right ({cfg.model.kind!r})")

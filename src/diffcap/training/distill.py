@@ -18,8 +18,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .data.contract import CaptionRecord, DataError, FeatureStore, check_ids, read_captions, write_captions
-from .pipeline import CaptionPipeline
+from ..data.contract import CaptionRecord, DataError, FeatureStore, check_ids, read_captions, write_captions
+from ..pipeline import CaptionPipeline
 
 
 def distill_captions(teacher: str | Path, captions: str | Path, features: str | Path, out: str | Path, *,
