@@ -4,6 +4,7 @@ estimate at every sampling step. The page captions through the same queue as the
 are batched with the API's and obey the same limits."""
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from ..config import MAX_MBR
 from .batching import QueueFull
 from .limits import InputError, check_text, decode_image
 from .service import MAX_GUIDANCE, CaptionService
+
+log = logging.getLogger(__name__)
 
 PLAY_DELAY_S = 0.25  # between trajectory steps while playing
 
@@ -80,10 +83,18 @@ def build_page(service: CaptionService) -> gr.Blocks:
                 else:
                     image, payload = None, check_text(item or "", service.limits)
                 chosen = service.settings(dict(settings_of(values), trajectory=service.iterative))
-                result = service.submit(kind, payload, chosen).result(timeout=service.limits.timeout_s)
-            except (InputError, QueueFull, TimeoutError, OSError) as exc:
-                message = str(exc) or "captioning did not finish in time; the server is busy"
-                return (None, "", f"**Error:** {message}", [], gr.Slider(1, 2, value=1), "")
+                future = service.submit(kind, payload, chosen)
+                try:
+                    result = future.result(timeout=service.limits.timeout_s)
+                except TimeoutError:
+                    future.cancel()  # still queued: the worker skips it
+                    raise InputError(f"captioning did not finish within {service.limits.timeout_s:g} s; "
+                                     "the server is busy, try again shortly") from None
+            except (InputError, QueueFull, OSError) as exc:
+                return _failed(str(exc))
+            except Exception as exc:  # a failed batch: said on the page, logged with its traceback
+                log.exception("captioning failed")
+                return _failed(f"internal error: {type(exc).__name__}: {exc}")
             seconds = time.perf_counter() - started
             steps_done = f", {result['steps']} steps" if result["steps"] else ""
             traj = result.get("trajectory", [])
@@ -91,28 +102,44 @@ def build_page(service: CaptionService) -> gr.Blocks:
             return (image, result["caption"], f"{seconds:.3f} s{steps_done}{batch}", traj,
                     gr.Slider(1, max(len(traj), 2), value=max(len(traj), 1), step=1), _describe_step(traj, len(traj)))
 
+        # concurrency_limit=None: page requests run side by side, so the queue can batch them; it bounds them.
         outputs = [preview, caption, status, trajectory, step, estimate]
+        inputs = [c for c in (upload, text) if c is not None]
+
+        def from_inputs(*values):
+            """The button: the uploaded image if there is one, else the sentence."""
+            file = values[0] if upload is not None else None
+            sentence = values[len(inputs) - 1] if text is not None else None
+            settings = values[len(inputs):]
+            if file is not None or text is None:
+                return run("image", file, settings)
+            return run("text", sentence, settings)
+
+        button.click(from_inputs, [*inputs, *setting_inputs], outputs, concurrency_limit=None)
         if upload is not None:
-            upload.upload(lambda f, *v: run("image", f, v), [upload, *setting_inputs], outputs)
-            button.click(lambda f, *v: run("image", f, v), [upload, *setting_inputs], outputs)
+            upload.upload(lambda f, *v: run("image", f, v), [upload, *setting_inputs], outputs,
+                          concurrency_limit=None)
         if gallery is not None:
             def from_gallery(evt: gr.SelectData, *values):
                 return run("image", service.examples[evt.index], values)
 
-            gallery.select(from_gallery, setting_inputs, outputs)
+            gallery.select(from_gallery, setting_inputs, outputs, concurrency_limit=None)
         if text is not None:
-            text.submit(lambda t, *v: run("text", t, v), [text, *setting_inputs], outputs)
-            if upload is None:
-                button.click(lambda t, *v: run("text", t, v), [text, *setting_inputs], outputs)
-        step.input(lambda traj, i: _describe_step(traj, int(i)), [trajectory, step], [estimate])
+            text.submit(lambda t, *v: run("text", t, v), [text, *setting_inputs], outputs, concurrency_limit=None)
+        step.input(lambda traj, i: _describe_step(traj, int(i)), [trajectory, step], [estimate],
+                   concurrency_limit=None)
 
         def play_steps(traj):
             for i in range(1, len(traj) + 1):
                 yield gr.Slider(value=i), _describe_step(traj, i)
                 time.sleep(PLAY_DELAY_S)
 
-        play.click(play_steps, [trajectory], [step, estimate])
+        play.click(play_steps, [trajectory], [step, estimate], concurrency_limit=None)
     return page
+
+
+def _failed(message: str) -> tuple:
+    return None, "", f"**Error:** {message}", [], gr.Slider(1, 2, value=1), ""
 
 
 def _describe_step(traj: list, i: int) -> str:

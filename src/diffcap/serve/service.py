@@ -127,7 +127,8 @@ class RunInputs:
 
 def example_inputs(pipe: CaptionPipeline, accepts: tuple[str, ...], n: int = 4) -> list:
     """A few inputs from the run's own data set, test split first: scenes for the demo (its feature file
-    holds their pixels), sentences for a text-conditioned run. Empty when the data has moved."""
+    holds their pixels), sentences of the same kind for a text-conditioned run. Empty when the data has
+    moved."""
     data = pipe.cfg.data
     try:
         records = read_captions(data.captions)
@@ -147,9 +148,9 @@ def example_inputs(pipe: CaptionPipeline, accepts: tuple[str, ...], n: int = 4) 
         except (OSError, ValueError):
             return []
         return [Image.fromarray(p.permute(1, 2, 0).numpy()) for p in pixels]
-    if "text" in accepts and "image" not in accepts:
+    if "text" in accepts:
         return list(dict.fromkeys(r.caption for r in chosen))[:n]
-    return []
+    return []  # a run on CLIP image features: its feature file holds no pixels to show
 
 
 class CaptionService:
