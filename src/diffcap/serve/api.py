@@ -101,6 +101,10 @@ def add_api(app: FastAPI, service: CaptionService) -> None:
 
     @app.post("/api/caption")
     async def caption(request: Request):
+        """Caption one image: multipart/form-data with the file in the field `image` (or JSON `{"text": ...}`
+        for a run conditioned on text features), and optional fields `steps`, `guidance_scale`, `seed`,
+        `samples` (MBR) and `trajectory` (true: the x0 estimate's tokens at every step). Answers
+        `{"caption", "steps", "seconds", "batch_size", "trajectory"?}`; an error is `{"error": "..."}`."""
         started = time.perf_counter()
         kind, item, fields = await _read_request(request, service)
         settings = service.settings(fields)

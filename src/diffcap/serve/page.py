@@ -23,7 +23,8 @@ PLAY_DELAY_S = 0.25  # between trajectory steps while playing
 def build_page(service: CaptionService) -> gr.Blocks:
     accepts, defaults, cfg = service.inputs.accepts, service.defaults, service.pipe.cfg
     run_name = service.run_dir.resolve().name if service.run_dir.name in ("", ".") else service.run_dir.name
-    with gr.Blocks(title=f"diffcap: {run_name}", analytics_enabled=False) as page:
+    # delete_cache: Gradio keeps every upload in its cache folder; drop those older than an hour, hourly.
+    with gr.Blocks(title=f"diffcap: {run_name}", analytics_enabled=False, delete_cache=(3600, 3600)) as page:
         how = " that forms the caption by denoising; the trajectory shows each step" if service.iterative else ""
         gr.Markdown(f"## diffcap: caption with `{service.run_dir}`\nA {cfg.model.kind} captioner{how}.")
         with gr.Row():
