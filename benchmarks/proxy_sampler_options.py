@@ -9,28 +9,20 @@ line per variant and writes them all to ``--out``::
         --work WORK --split dev --max-images 300 --out sampler_options.json \\
         --variant steps=5 --variant steps=5 collapse_repeats=true --variant steps=20 method=ddpm
 
-The features come from the benchmark's cache in ``--work`` (the same folder the benchmark used).
+The features come from the benchmark's cache in ``--work`` (the same folder the benchmark used); the data
+and the scoring are diffcap.experiments.proxy's.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
 import time
 from pathlib import Path
 
 from diffcap.config import Config, ConfigError, apply_override, validate
+from diffcap.experiments import proxy
 from diffcap.io import write_json
 from diffcap.pipeline import CaptionPipeline
-
-
-def load_proxy():
-    spec = importlib.util.spec_from_file_location("flickr8k_proxy", Path(__file__).with_name("flickr8k_proxy.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def parse_variant(items: list[str]) -> dict:
@@ -57,8 +49,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
 
-    proxy = load_proxy()
-    ev = proxy.load_split_set(args.data, args.split, args.work, proxy.LazyEncoder(proxy.minilm_dir()), args.max_images)
+    ev = proxy.load_split_set(args.data, args.split, args.work, args.max_images)
     pipe = CaptionPipeline.from_pretrained(args.run)
     rows = []
     for items in args.variant:

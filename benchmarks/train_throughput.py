@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 import yaml
 
-SRC = Path(__file__).resolve().parents[1] / "src"
-sys.path.insert(0, str(SRC))
+from diffcap.config import Config
+from diffcap.data.contract import CaptionRecord, write_captions, write_features
+from diffcap.experiments.budget import logged_elapsed
 
-from diffcap.config import Config  # noqa: E402
-from diffcap.data.contract import CaptionRecord, write_captions, write_features  # noqa: E402
+SRC = Path(__file__).resolve().parents[1] / "src"  # the training processes import diffcap from this checkout
 
 WORDS = "a the dog cat man woman child runs sits jumps on in near red blue green grass snow beach park".split()
 
@@ -82,12 +82,12 @@ def run(root: Path, processes: int, global_batch: int, steps: int, warmup: int) 
     t0 = time.time()
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
     wall = time.time() - t0
-    with (out / "logs" / "train.jsonl").open() as f:
-        elapsed = {r["step"]: r["elapsed_s"] for r in map(json.loads, f) if "elapsed_s" in r}
+    elapsed = logged_elapsed(out)
     seconds = elapsed[steps] - elapsed[warmup]
     return {"processes": processes, "per_process_batch": global_batch // processes, "global_batch": global_batch,
             "timed_steps": steps - warmup, "timed_s": round(seconds, 3),
-            "captions_per_s": round((steps - warmup) * global_batch / seconds, 1), "wall_s_with_startup": round(wall, 1)}
+            "captions_per_s": round((steps - warmup) * global_batch / seconds, 1),
+            "wall_s_with_startup": round(wall, 1)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
         rows = [run(root, n, args.global_batch, args.steps, args.warmup) for n in args.processes]
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    result = {"runs": rows, "torch": torch.__version__, "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+    result = {"runs": rows, "torch": torch.__version__, "cpu_count": os.cpu_count(),
+              "machine": platform.processor() or platform.machine(),
               "config": "d_model 128, 3 layers, 4 heads, emb_dim 32, max_length 16, 512-d features, 1,024 captions"}
     print(json.dumps(result, indent=2))
     if args.out:

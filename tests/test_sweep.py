@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-import diffcap.sweep as sweep_mod
+import diffcap.experiments.sweep as sweep_mod
 from diffcap.config import Config, ConfigError
-from diffcap.sweep import load_sweep, run_sweep
-from diffcap.train import Trainer
+from diffcap.experiments.sweep import load_sweep, run_sweep
+from diffcap.training import Trainer
 
 from conftest import make_feature_data
 
@@ -60,7 +60,7 @@ def test_issue4_sweep_file_validates(tmp_path):
 
 
 def test_distillation_sweep_file_validates(tmp_path):
-    from diffcap.sweep import variant_config
+    from diffcap.experiments.sweep import variant_config
 
     sweep = load_sweep(ROOT / "sweeps" / "distillation.yaml", data=tmp_path)
     captions = {v.name: Path(variant_config(sweep, v).data.captions).name for v in sweep.variants}

@@ -119,7 +119,7 @@ def cmd_distill(args) -> None:
 
 
 def cmd_sweep(args) -> None:
-    from .sweep import run_sweep
+    from .experiments.sweep import run_sweep
 
     rows = run_sweep(args.sweep, out=args.out, data=args.data, only=args.only)
     print(f"{len(rows)} result rows")

@@ -6,14 +6,14 @@ A sweep file names the data set, a base config and the variants; see docs/experi
     data: ../runs/proxy_data          # a contract folder: captions.jsonl|csv + features.safetensors
     base: "{data}/proxy_diffusion.yaml"   # optional config file under every variant
     overrides: [data.val_split=dev, "text.tokenizer={data}/minilm"]
-    budget_s: 90                      # equal wall time: steps are planned per variant (diffcap.budget)
+    budget_s: 90                      # equal wall time: steps are planned per variant (experiments/budget.py)
     eval: {max_images: 200, seed: 0, metrics: coco}    # or metrics: cider (no METEOR JVM)
     sampling_steps: [10, 20]
     speed: {batch: 64, batch1_captions: 5}
     variants:
       - {name: x0, config: ../configs/objective_x0.yaml}
       - name: guidance
-        config: ../configs/guidance_on.yaml
+        config: ../configs/guidance_free.yaml
         guidance: {linear: {kind: linear, steps: 300}}          # -> RUN/guidance-linear/
         samplers: {plain: {}, cfg2: {guidance_scale: 2.0},
                    clf: {classifier_scale: 1.0, classifier_path: guidance-linear}}
@@ -23,7 +23,7 @@ Relative paths are relative to the sweep file; ``{data}`` in paths and override 
 the data folder. Each variant is a normal run directory ``OUT/<name>/``; it is finished when
 ``OUT/<name>/result.json`` exists (written atomically, last), and a rerun skips finished variants.
 Training that was stopped resumes from the run's newest checkpoint (``OUT/<name>/checkpoints/step-N/``,
-see diffcap.checkpoints); a variant whose training finished (``trained.json``) is only re-evaluated.
+see diffcap.training.rundir); a variant whose training finished (``trained.json``) is only re-evaluated.
 A resumed variant is marked ``resumed: true`` (with ``resumed_at_step``) in trained.json and in the
 results; its ``train_s`` (and ``wall_s``) then count only the training after the resume, not the time
 spent before the stop, so its timings are not comparable with those of an uninterrupted variant
@@ -33,24 +33,22 @@ steps and matplotlib installed, ``OUT/cider_vs_steps.png``.
 """
 from __future__ import annotations
 
-import copy
 import csv
 import io
 import itertools
 import logging
-import math
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
-from .budget import calibrate, plan_to_budget, reset_accelerate
-from .config import Config, ConfigError, apply_dict, apply_override, validate
-from .io import atomic_output, write_json
+from ..config import Config, ConfigError, apply_dict, apply_override, validate
+from ..io import atomic_output, write_json
+from .budget import train_to_budget
+from .timing import latency, throughput, tile
 
 log = logging.getLogger(__name__)
 
@@ -206,55 +204,26 @@ def _train(sweep: Sweep, variant: Variant, run_dir: Path) -> dict:
     """Plan (once), train or resume, and record the training; returns trained.json's content."""
     import json
 
-    from .train import Trainer, load_training_data
-
     done = run_dir / "trained.json"
     if done.exists():
         return json.loads(done.read_text())
-    cfg = variant_config(sweep, variant)
-    data = load_training_data(cfg)
-    plan_path = run_dir / "plan.json"
-    if sweep.budget_s > 0:
-        if plan_path.exists():  # a resumed run keeps its plan, hence its LR schedule
-            plan = json.loads(plan_path.read_text())
-        else:
-            sec = calibrate(cfg, data, run_dir.parent / f".{variant.name}-calibration")
-            plan = {"sec_per_step": sec, "steps": plan_to_budget(copy.deepcopy(cfg), sweep.budget_s, sec)}
-            write_json(plan_path, plan)
-        plan_to_budget(cfg, sweep.budget_s, plan["sec_per_step"])
-    if sweep.checkpoints > 0:
-        cfg.train.save_every = max(1, math.ceil(cfg.train.steps / sweep.checkpoints))
-    reset_accelerate()
-    trainer = Trainer(cfg, run_dir, data=data)
-    start = time.time()
-    stats = trainer.train(resume=True)
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    # train_s and wall_s cover this process only: after a resume, not the training before the stop
-    record = {"train_steps": stats["steps"], "planned_steps": cfg.train.steps, "train_s": stats["train_s"],
-              "wall_s": time.time() - start, "resumed": trainer.resumed_at is not None,
-              "resumed_at_step": trainer.resumed_at, "final_loss": stats.get("loss"),
-              "params": sum(p.numel() for p in model.parameters()),
-              "params_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-    del trainer, model
-    reset_accelerate()
+    trained = train_to_budget(variant_config(sweep, variant), sweep.budget_s, run_dir, resume=True,
+                              checkpoints=sweep.checkpoints)
+    keys = ("planned_steps", "train_s", "wall_s", "resumed", "resumed_at_step", "final_loss", "params",
+            "params_trainable")
+    record = {"train_steps": trained["steps"], **{k: trained[k] for k in keys}}
     for gname, opts in variant.guidance.items():
-        from .training.guidance import train_guidance
+        from ..training.guidance import train_guidance
 
         record[f"guidance-{gname}"] = train_guidance(run_dir, out=f"guidance-{gname}", **opts)
     write_json(done, record)
     return record
 
 
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
 def _evaluate(sweep: Sweep, variant: Variant, run_dir: Path, trained: dict) -> list[dict]:
-    from .evaluation.metrics import cider, coco_metrics, write_coco_results
-    from .pipeline import CaptionPipeline
-    from .train import load_training_data
+    from ..evaluation.metrics import cider, coco_metrics, write_coco_results
+    from ..pipeline import CaptionPipeline
+    from ..training import load_training_data
 
     cfg = variant_config(sweep, variant)
     val = load_training_data(cfg).val
@@ -268,8 +237,7 @@ def _evaluate(sweep: Sweep, variant: Variant, run_dir: Path, trained: dict) -> l
     batch = int(sweep.speed.get("batch", 64))
     n_b1 = int(sweep.speed.get("batch1_captions", 5))
     pipe = CaptionPipeline.from_pretrained(run_dir)
-    is_diffusion = pipe.cfg.model.kind == "diffusion"
-    steps_list = (sweep.sampling_steps or [pipe.cfg.sampler.steps]) if is_diffusion else [None]
+    steps_list = (sweep.sampling_steps or [pipe.cfg.sampler.steps]) if pipe.model.iterative else [None]
     settings = " ".join(variant.overrides) or (variant.config.stem if variant.config else "")
     rows = []
     for sname, sampler in variant.samplers.items():
@@ -284,15 +252,13 @@ def _evaluate(sweep: Sweep, variant: Variant, run_dir: Path, trained: dict) -> l
                 scores = {"CIDEr": cider(predictions, refs)}
             else:
                 scores = coco_metrics(predictions, refs, spice="off")
-            tiled = feats[torch.arange(batch) % len(feats)]
-            pipe(tiled[:1], seed=seed, **kw)  # warm-up
-            b64 = _timed(lambda: pipe(tiled, seed=seed, batch_size=batch, **kw))
-            b1 = sum(_timed(lambda i=i: pipe(tiled[i:i + 1], seed=seed, **kw)) for i in range(n_b1)) / n_b1
+            speed = throughput(pipe, feats, batch, seed=seed, **kw)
+            b1, _ = latency(pipe, tile(feats, n_b1), n_b1, seed=seed, **kw)
             rows.append({"name": variant.name, "sampler": sname, "steps": steps,
                          **{k: scores.get(k) for k in ("CIDEr", "BLEU-4", "METEOR", "ROUGE_L")},
                          "train_s": trained["train_s"], "train_steps": trained["train_steps"],
                          "resumed": bool(trained.get("resumed", False)),
-                         "captions_per_s": batch / b64, "s_per_caption_b1": b1, "eval_images": len(images),
+                         "captions_per_s": speed["captions_per_s"], "s_per_caption_b1": b1, "eval_images": len(images),
                          "eval_captioning_s": caption_s, "speed_batch": batch,
                          "settings": (settings + (" " + " ".join(f"{k}={v}" for k, v in sampler.items())
                                                   if sampler else "")).strip(),

@@ -1,0 +1,127 @@
+"""Training to a wall-time budget: measure seconds per step, then plan ``train.steps`` to fit.
+
+Comparing settings fairly on one machine means giving each the same budget. A fixed step count
+favours cheap settings, and ``train.time_budget_s`` alone cuts the learning-rate schedule short
+(it would never decay). So a short throwaway run measures seconds per step, ``train.steps`` is set
+so that the whole schedule fits the budget, and ``train.time_budget_s`` stays as the hard stop.
+Both ``diffcap sweep`` and the Flickr8k proxy benchmark train this way (:func:`train_to_budget`).
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+from ..config import Config
+from ..io import write_json
+
+CALIBRATION_STEPS, CALIBRATION_SKIP = 20, 5  # time steps SKIP..STEPS of a throwaway run
+BUDGET_FILL = 0.95  # plan this fraction of the budget, leaving room for the final checkpoint
+PLAN_FILE = "plan.json"  # in the run directory: a resumed run keeps its plan, hence its LR schedule
+
+
+def reset_accelerate() -> None:
+    """Accelerate keeps one process-wide state whose mixed precision cannot change; every Trainer of a
+    multi-run process (and any later code in it) starts from a clean one."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+
+
+def logged_elapsed(run_dir: Path) -> dict[int, float]:
+    """Step -> seconds since training started, from the run's log (every train.log_every steps). Timing
+    between two logged steps leaves out process start-up and the first, slower steps."""
+    with (Path(run_dir) / "logs" / "train.jsonl").open() as f:
+        return {r["step"]: r["elapsed_s"] for r in map(json.loads, f) if "elapsed_s" in r}
+
+
+def calibrate(cfg: Config, data, run_dir: Path) -> float:
+    """Seconds per optimiser step, from steps CALIBRATION_SKIP..CALIBRATION_STEPS of a throwaway run."""
+    import torch.utils.tensorboard  # noqa: F401  (imported here so its import is not timed as a step)
+
+    from ..training import Trainer
+
+    c = copy.deepcopy(cfg)
+    c.train.steps, c.train.log_every, c.train.time_budget_s = CALIBRATION_STEPS, CALIBRATION_SKIP, 0.0
+    c.train.eval_every, c.train.save_every, c.train.progress = 0, 10**9, False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    reset_accelerate()
+    Trainer(c, run_dir, data=data).train(resume=False)
+    elapsed = logged_elapsed(run_dir)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return (elapsed[CALIBRATION_STEPS] - elapsed[CALIBRATION_SKIP]) / (CALIBRATION_STEPS - CALIBRATION_SKIP)
+
+
+def planned_steps(budget_s: float, sec_per_step: float) -> int:
+    """Optimiser steps that fill :data:`BUDGET_FILL` of ``budget_s`` at ``sec_per_step``."""
+    return max(1, int(BUDGET_FILL * budget_s / max(sec_per_step, 1e-9)))
+
+
+def plan_to_budget(cfg: Config, budget_s: float, sec_per_step: float) -> Config:
+    """A copy of ``cfg`` whose train.steps (and a warm-up no longer than a tenth of them) fit ``budget_s``,
+    with train.time_budget_s as the hard stop."""
+    planned = planned_steps(budget_s, sec_per_step)
+    out = copy.deepcopy(cfg)
+    out.train.steps = planned
+    out.train.time_budget_s = float(budget_s)
+    out.train.warmup_steps = min(cfg.train.warmup_steps, max(1, planned // 10))
+    return out
+
+
+def train_to_budget(cfg: Config, budget_s: float, run_dir: str | Path, *, data=None, resume: bool = False,
+                    checkpoints: int = 0, say=None) -> dict:
+    """Calibrate, plan ``cfg`` to fit ``budget_s`` seconds (0: train ``cfg.train.steps`` as given), train.
+
+    Without ``resume`` the run directory starts empty; with it, training continues from the run's newest
+    checkpoint and the plan of ``RUN/plan.json``. ``checkpoints`` > 0 saves that many checkpoints over the
+    run, so a stopped run can resume mid-way. Returns the training record: ``steps``, ``planned_steps``,
+    ``train_s`` (this process only, so after a resume not the time before the stop), ``wall_s``,
+    ``stopped_by_budget``, ``budget_s``, ``sec_per_step``, ``calibration_wall_s``, ``resumed``,
+    ``resumed_at_step``, ``final_loss``, ``params``, ``params_trainable``.
+    """
+    from ..training import Trainer, load_training_data
+
+    say = say or (lambda message: None)
+    run_dir = Path(run_dir)
+    if not resume:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    data = data if data is not None else load_training_data(cfg)
+    plan_path, calibration_wall_s = run_dir / PLAN_FILE, 0.0
+    if budget_s > 0:
+        if resume and plan_path.exists():
+            plan = json.loads(plan_path.read_text())
+        else:
+            t0 = time.time()
+            sec = calibrate(cfg, data, run_dir.parent / f".{run_dir.name}-calibration")
+            calibration_wall_s = time.time() - t0
+            plan = {"sec_per_step": sec, "steps": planned_steps(budget_s, sec)}
+            write_json(plan_path, plan)
+        cfg = plan_to_budget(cfg, budget_s, plan["sec_per_step"])
+        say(f"{run_dir.name}: {plan['sec_per_step']:.4f} s/step -> {cfg.train.steps} steps in {budget_s:.0f} s")
+    else:
+        plan = {"sec_per_step": None}
+    if checkpoints > 0:
+        cfg = copy.deepcopy(cfg)
+        cfg.train.save_every = max(1, math.ceil(cfg.train.steps / checkpoints))
+    reset_accelerate()
+    trainer = Trainer(cfg, run_dir, data=data)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    start = time.time()
+    stats = trainer.train(resume=resume)
+    record = {"steps": stats["steps"], "planned_steps": cfg.train.steps, "train_s": stats["train_s"],
+              "wall_s": time.time() - start, "stopped_by_budget": budget_s > 0 and stats["steps"] < cfg.train.steps,
+              "budget_s": budget_s, "sec_per_step": plan["sec_per_step"], "calibration_wall_s": calibration_wall_s,
+              "resumed": trainer.resumed_at is not None, "resumed_at_step": trainer.resumed_at,
+              "final_loss": stats.get("loss"), "params": params, "params_trainable": trainable}
+    del trainer, model
+    gc.collect()
+    reset_accelerate()
+    say(f"{run_dir.name}: trained {record['steps']} steps in {record['train_s']:.1f} s, "
+        f"loss {record['final_loss'] if record['final_loss'] is not None else float('nan'):.3f}")
+    return record
