@@ -10,13 +10,13 @@ import torch
 from diffcap.config import Config
 from diffcap.data.contract import FeatureStore
 from diffcap.diffusion.diffusion import GaussianDiffusion
-from diffcap.diffusion.guidance import GuidanceClassifier, classifier_shift, load_guidance
+from diffcap.diffusion.guidance import GuidanceClassifier, classifier_shift
 from diffcap.diffusion.sampler import Sampler
 from diffcap.models.factory import build_model
 from diffcap.pipeline import CaptionPipeline
 from diffcap.text.tokenizer import CaptionTokenizer
 from diffcap.training import Trainer
-from diffcap.training.guidance import train_guidance
+from diffcap.training.guidance import load_guidance, train_guidance
 
 from conftest import CAPTIONS, small_config
 
@@ -120,7 +120,7 @@ def test_train_save_load_round_trip_and_guided_pipeline(feature_data, tmp_path, 
 
 
 def test_load_guidance_errors_name_the_file(tmp_path):
-    from diffcap.diffusion.guidance import CONFIG, WEIGHTS, save_guidance
+    from diffcap.training.guidance import CONFIG, WEIGHTS, save_guidance
     from diffcap.training.rundir import RunDirError
 
     folder = tmp_path / "guidance"

@@ -36,7 +36,7 @@ class CaptionPipeline:
     def classifier(self, path: str) -> torch.nn.Module:
         """The guidance classifier RUN/<path>/ (loaded once), for sampler.classifier_scale > 0."""
         if path not in self.classifiers:
-            from .diffusion.guidance import load_guidance
+            from .training.guidance import load_guidance
 
             if self.run_dir is None:
                 raise ValueError("classifier guidance needs a pipeline loaded from a run directory "

@@ -11,23 +11,18 @@ against the condition of another caption of the batch (label 0, or 1 when that c
 describe the same image), with binary cross-entropy. So ``sigmoid(f(x_t, t, c))`` estimates
 p(match | x_t, c) and ``log sigmoid f`` plays the role of log p(c | x_t).
 
-A guidance model lives in its own folder of the run directory (``RUN/guidance/`` by default):
-``guidance.safetensors`` (weights) and ``guidance.json`` (architecture and training record).
+A trained guidance model lives in its own folder of the run directory (diffcap.training.guidance
+trains, saves and loads it).
 """
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..io import save_tensors, write_json
 from ..models.denoiser import timestep_embedding
 
 KINDS = ("linear", "transformer")
-WEIGHTS, CONFIG = "guidance.safetensors", "guidance.json"
 
 
 class GuidanceClassifier(nn.Module):
@@ -95,39 +90,6 @@ def classifier_shift(classifier: nn.Module, alpha_bar: torch.Tensor, x_t: torch.
         (grad,) = torch.autograd.grad(logp, x)
     ab = alpha_bar[t][:, None, None]
     return ((1 - ab) / ab.sqrt()) * grad
-
-
-# ---- files ---------------------------------------------------------------------------------------
-
-
-def save_guidance(folder: str | Path, classifier: GuidanceClassifier, record: dict | None = None) -> None:
-    folder = Path(folder)
-    save_tensors(folder / WEIGHTS, classifier.state_dict(), {"format": "pt"})
-    write_json(folder / CONFIG, {"architecture": classifier.config, "training": record or {}})
-
-
-def load_guidance(folder: str | Path, device: str | torch.device = "cpu") -> GuidanceClassifier:
-    """Load ``folder``'s guidance classifier; a missing, truncated or mismatched file raises
-    :class:`~diffcap.checkpoint.RunDirError` (a FileNotFoundError) naming it."""
-    from ..training.rundir import RunDirError, load_weights
-
-    folder = Path(folder)
-    if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
-        raise RunDirError(f"{folder}: no guidance classifier ({CONFIG} and {WEIGHTS}); train one with "
-                          f"`diffcap train-guidance --run RUN_DIR`")
-    try:
-        arch = json.loads((folder / CONFIG).read_text())["architecture"]
-        classifier = GuidanceClassifier(**arch)
-    except (OSError, ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
-        raise RunDirError(f"{folder / CONFIG}: not a readable guidance config "
-                          f"(expected {{'architecture': {{kind, emb_dim, cond_dim, seq_len, ...}}}}): {exc!r}") from exc
-    weights = load_weights(folder / WEIGHTS)  # names the file if it is not readable safetensors
-    try:
-        classifier.load_state_dict(weights)
-    except RuntimeError as exc:  # missing/unexpected keys, shape mismatch
-        raise RunDirError(f"{folder / WEIGHTS}: does not fit the classifier described by {folder / CONFIG}: "
-                          f"{exc}") from exc
-    return classifier.to(device).eval()
 
 
 # ---- the training loss (training/guidance.py trains a classifier for a run) ---------------------

@@ -1,10 +1,13 @@
-"""Training a classifier-guidance model (diffcap.diffusion.guidance) against a trained diffusion run.
+"""Training a classifier-guidance model (diffcap.diffusion.guidance) against a trained diffusion run, and its files.
 
 The run is frozen: its embeddings give x_0 and its forward process the noisy x_t the classifier learns
-to score, so the classifier sees exactly what the sampler will feed it.
+to score, so the classifier sees exactly what the sampler will feed it. A guidance model lives in its
+own folder of the run directory (``RUN/guidance/`` by default): ``guidance.safetensors`` (weights) and
+``guidance.json`` (architecture and training record).
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -14,10 +17,41 @@ import torch
 from ..data.contract import FeatureStore, read_captions
 from ..data.datasets import load_split
 from ..diffusion.diffusion import GaussianDiffusion
-from ..diffusion.guidance import GuidanceClassifier, contrastive_loss, save_guidance
-from .rundir import RunDir
+from ..diffusion.guidance import GuidanceClassifier, contrastive_loss
+from ..io import save_tensors, write_json
+from .rundir import RunDir, RunDirError, load_weights
 
 log = logging.getLogger(__name__)
+
+WEIGHTS, CONFIG = "guidance.safetensors", "guidance.json"
+
+
+def save_guidance(folder: str | Path, classifier: GuidanceClassifier, record: dict | None = None) -> None:
+    folder = Path(folder)
+    save_tensors(folder / WEIGHTS, classifier.state_dict(), {"format": "pt"})
+    write_json(folder / CONFIG, {"architecture": classifier.config, "training": record or {}})
+
+
+def load_guidance(folder: str | Path, device: str | torch.device = "cpu") -> GuidanceClassifier:
+    """Load ``folder``'s guidance classifier; a missing, truncated or mismatched file raises
+    :class:`~diffcap.training.rundir.RunDirError` (a FileNotFoundError) naming it."""
+    folder = Path(folder)
+    if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
+        raise RunDirError(f"{folder}: no guidance classifier ({CONFIG} and {WEIGHTS}); train one with "
+                          f"`diffcap train-guidance --run RUN_DIR`")
+    try:
+        arch = json.loads((folder / CONFIG).read_text())["architecture"]
+        classifier = GuidanceClassifier(**arch)
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
+        raise RunDirError(f"{folder / CONFIG}: not a readable guidance config "
+                          f"(expected {{'architecture': {{kind, emb_dim, cond_dim, seq_len, ...}}}}): {exc!r}") from exc
+    weights = load_weights(folder / WEIGHTS)  # names the file if it is not readable safetensors
+    try:
+        classifier.load_state_dict(weights)
+    except RuntimeError as exc:  # missing/unexpected keys, shape mismatch
+        raise RunDirError(f"{folder / WEIGHTS}: does not fit the classifier described by {folder / CONFIG}: "
+                          f"{exc}") from exc
+    return classifier.to(device).eval()
 
 
 def train_guidance(run_dir: str | Path, *, kind: str = "linear", steps: int = 500, batch_size: int = 64,
