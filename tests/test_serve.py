@@ -119,6 +119,38 @@ def test_pixel_limit_format_list_and_timeout_are_flags(image_run):
         assert r.status_code == 503 and "did not finish within" in r.json()["error"]
 
 
+def test_past_the_queue_length_the_answer_is_503_and_the_queued_requests_still_finish(image_run):
+    app = create_app(image_run, limits=Limits(max_queue=1), max_wait_ms=0, page=False)
+    service = app.state.service
+    encode, busy, release = service.inputs.encode, threading.Event(), threading.Event()
+
+    def held_encode(kind, items):  # the network is busy until the test releases it
+        busy.set()
+        release.wait(10)
+        return encode(kind, items)
+
+    service.inputs.encode = held_encode
+    with TestClient(app) as c:
+        answers = []
+
+        def ask():
+            answers.append(c.post("/api/caption", files={"image": ("a.png", png_bytes(SCENE))}))
+
+        threads = [threading.Thread(target=ask) for _ in range(2)]
+        threads[0].start()
+        assert busy.wait(10)  # the first is on the network
+        threads[1].start()
+        deadline = time.monotonic() + 10
+        while len(service.queue) < 1 and time.monotonic() < deadline:  # the second waits: the queue is full
+            time.sleep(0.01)
+        refused = c.post("/api/caption", files={"image": ("a.png", png_bytes(SCENE))})
+        assert refused.status_code == 503 and "--max-queue 1" in refused.json()["error"]
+        release.set()
+        for t in threads:
+            t.join()
+        assert [a.status_code for a in answers] == [200, 200]
+
+
 def test_concurrent_requests_share_a_batch(image_run):
     with TestClient(create_app(image_run, max_batch=8, max_wait_ms=300, page=False)) as c:
         results = [None] * 6
