@@ -467,7 +467,7 @@ def run_proxy(opts: ProxyOptions) -> dict:
             say(f"{name}: evaluating")
             result, pipe = evaluate_neural(run_dir, ev, out_dir, name)
             trained[name] = pipe.cfg.to_dict()  # as trained: the planned steps, the distilled captions
-            if name == "diffusion":
+            if pipe.model.iterative:  # its forwards follow from the sampler settings
                 result["nfe"] = diffusion_nfe(pipe.cfg, pipe.cfg.sampler.steps)
                 result["sampler_steps"] = pipe.cfg.sampler.steps
             results[name] = result | info
@@ -478,12 +478,12 @@ def run_proxy(opts: ProxyOptions) -> dict:
                 write_coco_results(out_dir / "predictions" / "diffusion_teacher.json", predictions)
                 results["diffusion_teacher"] = score(predictions, ev.references) | {"beam": beam}
             sampling_gflops[name] = result["sampling_gflops"]
-            if name == "diffusion":
-                results["diffusion_by_steps"] = diffusion_by_steps(pipe, ev, opts.steps_list, out_dir, result)
+            if pipe.model.iterative:
+                results[f"{name}_by_steps"] = diffusion_by_steps(pipe, ev, opts.steps_list, out_dir, result)
                 if pipe.cfg.sampler.collapse_repeats:  # what the network itself produced
                     predictions, _ = caption_all(pipe, ev, collapse_repeats=False)
-                    write_coco_results(out_dir / "predictions" / "diffusion_without_collapse.json", predictions)
-                    results["diffusion_without_collapse"] = score(predictions, ev.references)
+                    write_coco_results(out_dir / "predictions" / f"{name}_without_collapse.json", predictions)
+                    results[f"{name}_without_collapse"] = score(predictions, ev.references)
             rss[f"{name}_eval"] = peak_rss_mib()
             del pipe
             gc.collect()
