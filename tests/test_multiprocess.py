@@ -1,6 +1,6 @@
 """`accelerate launch` with 2 CPU processes (gloo), batch B each, trains like 1 process with batch 2B.
 
-What makes the curves equal (see train.py and diffusion/noise.py): Accelerate deals consecutive
+What makes the curves equal (see training/trainer.py and diffusion/noise.py): Accelerate deals consecutive
 batches of one shuffled order to the processes, so each step sees the same 2B captions; the noise,
 timesteps and dropout masks of the diffusion loss (and CapDec's noise on the conditions) come from a generator keyed on (seed, step) for the
 whole global batch, each process keeping its rows; DDP averages the gradients of equal-sized shards;
