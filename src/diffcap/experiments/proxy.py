@@ -45,7 +45,7 @@ from torch.nn import functional as F
 
 from ..config import Config, ConfigError, apply_override, validate
 from ..data.contract import CaptionRecord, DataError, FeatureStore, write_captions, write_features
-from ..data.layouts import FLICKR8K_SPLITS, Layout, read_flickr8k
+from ..data.layouts import FLICKR8K_SPLITS, Layout, read_layout
 from ..evaluation.metrics import coco_metrics, write_coco_results
 from ..io import write_json
 from ..pipeline import CaptionPipeline
@@ -142,7 +142,7 @@ def prepared_features(data_dir: Path, work: Path, layout: Layout) -> FeatureStor
 def load_split_set(data_dir: Path, split: str, work: Path, max_images: int | None = None,
                    layout: Layout | None = None) -> SplitSet:
     """Split ``split`` (a Flickr8k split list name: train, dev, test) of the Flickr8k folder ``data_dir``."""
-    layout = layout or read_flickr8k(data_dir)
+    layout = layout or read_layout("flickr8k", data_dir)
     contract_split = FLICKR8K_SPLITS.get(split, split)
     split_of = {r.image_id: r.split for r in layout.records}
     ids = [i for i in layout.images if split_of[i] == contract_split][:max_images or None]
@@ -421,7 +421,7 @@ def run_proxy(opts: ProxyOptions) -> dict:
     rss: dict[str, float] = {}
     same_folder = eval_data.resolve() == opts.data.resolve()
 
-    layout = read_flickr8k(opts.data)
+    layout = read_layout("flickr8k", opts.data)
     train = load_split_set(opts.data, "train", opts.work, layout=layout)
     ev = load_split_set(eval_data, opts.split, opts.work, opts.max_eval_images, layout if same_folder else None)
     contract = write_contract(cache_folder(opts.work, opts.data),
