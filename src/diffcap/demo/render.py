@@ -1,4 +1,7 @@
-"""Rendering a scene: a dark, faintly textured background and anti-aliased shapes, as a uint8 array."""
+"""Rendering a scene: a dark, faintly textured background and anti-aliased shapes, as a uint8 array.
+
+A pure function of the scene: the texture's randomness comes from the scene's own ``texture_seed``.
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +11,6 @@ from .scenes import COLOURS, SIZE_RADIUS, Obj, Scene
 
 _BACKGROUND_LEVEL = 42
 _TEXTURE_AMPLITUDE = 7  # grey levels; far below the contrast of any object colour
-
 _SUPERSAMPLE = 4  # draw large and downsample, so edges are anti-aliased and shapes read clearly
 
 
