@@ -1,4 +1,4 @@
-"""Synthetic scene generator: determinism, caption/ground-truth agreement, splits, metrics, files."""
+"""The demo's synthetic scenes: determinism, caption/ground-truth agreement, splits, scoring, files."""
 from __future__ import annotations
 
 import json
