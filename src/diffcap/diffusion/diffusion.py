@@ -50,7 +50,8 @@ class GaussianDiffusion(nn.Module):
         """Losses for one batch.
 
         Args:
-            model: a :class:`~diffcap.models.captioner.DiffusionCaptioner` (possibly wrapped).
+            model: the :class:`~diffcap.models.diffusion_captioner.DiffusionCaptioner` whose forward passes
+                run the denoiser (possibly its DDP wrapper).
             ids: [B x L] token ids.
             features: [B x ...] features as stored in the feature file.
             t: [B*K] fixed timesteps (validation per quartile); drawn by the timestep sampler if None.

@@ -40,8 +40,7 @@ class TrainingData:
     tokenizer: CaptionTokenizer
     train: SplitData
     val: SplitData | None
-    metadata: dict[str, str]
-    features: FeatureSpec  # what the feature file implies for the config (see config.resolve)
+    features: FeatureSpec  # the feature file's item shape and metadata, which config.resolve reads
 
 
 def load_training_data(cfg: Config) -> TrainingData:
@@ -66,7 +65,7 @@ def load_training_data(cfg: Config) -> TrainingData:
         # Debug setting: fit N fixed examples and report on those same examples.
         train = train.subset(cfg.data.overfit_n)
         val = train
-    return TrainingData(tokenizer, train, val, store.metadata, store.spec)
+    return TrainingData(tokenizer, train, val, store.spec)
 
 
 def add_feature_noise(feats: torch.Tensor, std: float, noise: Callable[[], StepNoise]) -> torch.Tensor:
