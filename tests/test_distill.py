@@ -1,4 +1,4 @@
-"""Sequence-level distillation (diffcap.distill and `diffcap distill`): a teacher run re-captions a split."""
+"""Sequence-level distillation (diffcap.training.distill and `diffcap distill`): a teacher run re-captions a split."""
 from __future__ import annotations
 
 import json
