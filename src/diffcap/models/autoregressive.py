@@ -348,7 +348,7 @@ class AutoregressiveCaptioner(Captioner):
 
     def training_losses(self, ids, features, *, noise=None, net=None) -> dict[str, torch.Tensor]:
         """Teacher-forced cross-entropy (:meth:`loss`); ``noise`` is not needed, nothing is drawn."""
-        return (net or self)(ids, features)
+        return (self if net is None else net)(ids, features)
 
     def validation_losses(self, ids, features) -> dict[str, float]:
         return {"loss": float(self.loss(ids, features)["loss"])}

@@ -96,7 +96,7 @@ class DiffusionCaptioner(Captioner):
 
     def training_losses(self, ids, features, *, noise=None, net=None) -> dict[str, torch.Tensor]:
         """The diffusion losses of :meth:`GaussianDiffusion.training_losses`, plus ``t`` [B*K]."""
-        return self.diffusion.training_losses(net or self, ids, features, noise=noise)
+        return self.diffusion.training_losses(self if net is None else net, ids, features, noise=noise)
 
     def validation_losses(self, ids, features) -> dict[str, float]:
         """The loss per quarter of the timesteps (``loss_q0`` .. ``loss_q3``, low noise first), as
