@@ -2,7 +2,8 @@
 cannot reach its server here, so the system chromium is used through executable_path).
 
 The page is driven as a person would: upload a demo test scene, read the caption (checked against
-CaptionPipeline's), step through and play the trajectory, upload a text file and read the error.
+CaptionPipeline's), step through and play the trajectory, click one of the run's example scenes, upload
+a text file and read the error.
 A screenshot is saved as a test artifact (DIFFCAP_TEST_ARTIFACTS, else the test's tmp folder)."""
 from __future__ import annotations
 
@@ -39,12 +40,12 @@ def served(tmp_path_factory):
         stop_server(proc)
 
 
-def demo_test_scene(run: Path, folder: Path) -> tuple[Path, object]:
-    """The first test-split scene of the run's data as a PNG file, and its pixels as the run's features."""
+def demo_test_scene(run: Path, folder: Path, k: int = 0) -> tuple[Path, object]:
+    """Test-split scene #k of the run's data as a PNG file, and its pixels as the run's features."""
     from PIL import Image
 
     data = CaptionPipeline.from_pretrained(run).cfg.data
-    image_id = next(r.image_id for r in read_captions(data.captions) if r.split == "test")
+    image_id = list(dict.fromkeys(r.image_id for r in read_captions(data.captions) if r.split == "test"))[k]
     with safe_open(data.features, framework="pt") as f:
         pixels = f.get_tensor(image_id)
     path = folder / f"{image_id}.png"
@@ -84,6 +85,14 @@ def test_page_captions_an_upload_steps_the_trajectory_and_shows_errors(served, t
             page.locator("#play").click()
             t, tokens = trajectory[-1]
             sync_api.expect(estimate).to_have_value(f"step {len(trajectory)}/{len(trajectory)}, t={t}: {tokens}")
+
+            # The run's own examples are one click away: the second test scene.
+            _, second = demo_test_scene(run, tmp_path, k=1)
+            shown = page.locator("#preview img").get_attribute("src")
+            page.locator("#examples button.thumbnail-item").nth(1).click()
+            page.wait_for_function("src => document.querySelector('#preview img').getAttribute('src') !== src",
+                                   arg=shown)  # the page has captioned the example
+            sync_api.expect(caption).to_have_value(CaptionPipeline.from_pretrained(run)(second).texts[0])
 
             page.locator("#upload button[aria-label=Clear]").click()  # the field holds one file
             page.locator("#upload input[type=file]").set_input_files(str(notes))
