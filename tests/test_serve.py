@@ -103,6 +103,8 @@ def test_bad_uploads_get_a_4xx_naming_the_problem_and_the_server_keeps_serving(c
         assert 400 <= r.status_code < 500 and words in r.json()["error"], (kwargs.get("data"), r.text)
     r = client.get("/api/nope")
     assert r.status_code == 404 and "POST /api/caption" in r.json()["error"]
+    r = client.get("/api/caption")
+    assert r.status_code == 405 and "use POST" in r.json()["error"]
 
     good = client.post("/api/caption", files={"image": ("scene.jpg", png_bytes(SCENE, "JPEG"))})
     assert good.status_code == 200 and isinstance(good.json()["caption"], str)

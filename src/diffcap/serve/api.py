@@ -1,8 +1,8 @@
 """The plain HTTP API: POST /api/caption and GET /api/health, with JSON errors.
 
 Every refusal is a JSON ``{"error": "..."}`` with a 4xx status that says what was wrong (503 when the
-queue is full or a request ran past its timeout); an unexpected failure is a 500 with the exception's
-message, logged with its traceback on the server, never sent to the client.
+queue is full or a request ran past its timeout). An unexpected failure is a 500 with the exception's
+message; its traceback goes to the server's log, never to the client.
 """
 from __future__ import annotations
 
@@ -121,8 +121,11 @@ def add_api(app: FastAPI, service: CaptionService) -> None:
         return dict(result, seconds=round(time.perf_counter() - started, 4))
 
     # Registered last: any other /api/ path is a JSON 404 here, not the page's HTML one.
-    @app.api_route("/api/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
+    @app.api_route("/api/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"], include_in_schema=False)
     async def unknown(request: Request, path: str):
+        method = {"caption": "POST", "health": "GET"}.get(path)
+        if method:
+            return error(405, f"{request.method} /api/{path}: use {method}")
         return error(404, f"{request.method} /api/{path} is no endpoint; there are POST /api/caption and "
                           "GET /api/health")
 
