@@ -102,8 +102,15 @@ class DiffusionConfig:
     restore_weight: float = 0.0  # Diffusion-LM's x_1 -> embedding restore term
     prior_weight: float = 1.0  # Diffusion-LM's prior term ||sqrt(abar_T) x0||^2
     timesteps_per_caption: int = 1  # the seed's SAMPLE_SIZE
-    timestep_sampler: str = "uniform"  # uniform, loss_aware (improved DDPM) or warped (CDCD-style)
+    timestep_sampler: str = "uniform"  # uniform, loss_aware (improved DDPM), warped (CDCD-style) or grid
+    grid_steps: int = 5  # "grid": train at the timesteps of trailing samplers with 1..grid_steps steps
     cond_dropout: float = 0.1  # classifier-free guidance, arXiv 2207.12598
+    # Step-unrolled denoising (SUNDAE, Savinov et al. 2022, arXiv 2112.06749), for continuous diffusion:
+    # for this share of the examples x_t is built the way the DDIM sampler builds its second step, from
+    # the model's own clamped x0 estimate at t = T-1 (no gradient), and the model learns to recover the
+    # true caption from it. Without it a later step only ever saw x_t made from true captions, so it
+    # trusts the first step's mistakes instead of repairing them. Needs diffusion.objective = x0.
+    unroll_prob: float = 0.0
 
 
 @dataclass
@@ -265,7 +272,7 @@ CHOICES = {  # (section, key) -> the values allowed
     ("diffusion", "schedule"): ("linear", "cosine", "sqrt"),
     ("diffusion", "objective"): ("x0", "eps", "xtk"),
     ("diffusion", "loss"): ("l1", "mse"),
-    ("diffusion", "timestep_sampler"): ("uniform", "loss_aware", "warped"),
+    ("diffusion", "timestep_sampler"): ("uniform", "loss_aware", "warped", "grid"),
     ("sampler", "method"): ("ddim", "ddpm", "refine"),
     ("sampler", "length"): ("free", "expected"),
     ("sampler", "precision"): ("fp32", "bf16"),
@@ -305,6 +312,12 @@ def validate(cfg: Config) -> None:
     validate_sampler(cfg.sampler, cfg.diffusion.num_timesteps)
     if cfg.model.d_model % cfg.model.n_heads:
         raise ConfigError(f"model.d_model={cfg.model.d_model} is not divisible by model.n_heads={cfg.model.n_heads}")
+    if cfg.diffusion.grid_steps < 1:
+        raise ConfigError(f"diffusion.grid_steps must be at least 1, got {cfg.diffusion.grid_steps}")
+    if not 0 <= cfg.diffusion.unroll_prob <= 1:
+        raise ConfigError(f"diffusion.unroll_prob must be in [0, 1], got {cfg.diffusion.unroll_prob}")
+    if cfg.diffusion.unroll_prob > 0 and cfg.diffusion.objective != "x0":
+        raise ConfigError("diffusion.unroll_prob trains on the model's own x0 estimates: it needs diffusion.objective=x0")
     if cfg.model.score_interpolation and cfg.diffusion.objective != "x0":
         raise ConfigError("model.score_interpolation predicts x0 from logits: it needs diffusion.objective=x0")
     if cfg.diffusion.timesteps_per_caption < 1:

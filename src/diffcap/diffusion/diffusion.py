@@ -31,11 +31,20 @@ class GaussianDiffusion(nn.Module):
         self.register_buffer("a_ext", torch.cat([torch.ones(1), ab.sqrt()]), persistent=False)
         self.register_buffer("s_ext", torch.cat([torch.zeros(1), (1 - ab).sqrt()]), persistent=False)
         self.objective = make_objective(cfg.objective, self, cfg.step_gap)
-        self.timesteps = make_timestep_sampler(cfg.timestep_sampler, cfg.num_timesteps)
+        self.timesteps = make_timestep_sampler(cfg.timestep_sampler, cfg.num_timesteps, cfg.grid_steps)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t ~ q(x_t | x0) = N(sqrt(abar_t) x0, (1 - abar_t) I); [B x L x D]."""
         return self.a[t][:, None, None] * x0 + self.s[t][:, None, None] * noise
+
+    def unrolled_x_t(self, x0_hat: torch.Tensor, x_from: torch.Tensor, t_from: torch.Tensor,
+                     t: torch.Tensor) -> torch.Tensor:
+        """The DDIM step (eta 0) from ``x_from`` at ``t_from`` to t, given the estimate ``x0_hat``:
+        a_t x0_hat + s_t eps_hat with eps_hat = (x_from - a_from x0_hat) / s_from, exactly what
+        diffusers' DDIMScheduler computes for prediction_type="sample"; [B x L x D]."""
+        at = lambda table, i: table[i][:, None, None]  # noqa: E731
+        eps_hat = (x_from - at(self.a, t_from) * x0_hat) / at(self.s, t_from)
+        return at(self.a, t) * x0_hat + at(self.s, t) * eps_hat
 
     def predict_x0(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.objective.to_x0(out, x_t, t)
@@ -84,13 +93,30 @@ class GaussianDiffusion(nn.Module):
         x_t = self.q_sample(x0, t, eps)
         drop = rand() < cfg.cond_dropout
 
+        # The no-gradient first pass: the model's x0 estimate at t (self-conditioning), or for unrolled
+        # examples at t = T-1 from x_T, as the sampler's first step makes it.
+        unroll = rand() < cfg.unroll_prob if cfg.unroll_prob > 0 else None
+        x_first, t_first = x_t, t
+        if unroll is not None:
+            t_top = torch.full_like(t, self.num_timesteps - 1)
+            x_first = torch.where(unroll[:, None, None], self.q_sample(x0, t_top, eps), x_t)
+            t_first = torch.where(unroll, t_top, t)
+        first = None
+        if core.cfg.self_condition or unroll is not None:
+            with torch.no_grad():
+                first = self.predict_x0(model(x_first, t_first, cond, None, drop), x_first, t_first)
+        if unroll is not None:
+            x_t = torch.where(unroll[:, None, None], self.unrolled_x_t(core.embedding.clamp(first), x_first,
+                                                                     t_first, t), x_t)
+
         self_cond = None
         if core.cfg.self_condition:
-            # Bit Diffusion: half the time, first estimate x0 without gradient and feed it back in.
-            with torch.no_grad():
-                first = self.predict_x0(model(x_t, t, cond, None, drop), x_t, t)
-            use = (rand() < 0.5)[:, None, None]
-            self_cond = torch.where(use, first, torch.zeros_like(first)).detach()
+            # Bit Diffusion: half the time feed the first estimate back in; always for unrolled examples,
+            # whose sampler step always has the previous estimate.
+            use = rand() < 0.5
+            if unroll is not None:
+                use = use | unroll
+            self_cond = torch.where(use[:, None, None], first, torch.zeros_like(first)).detach()
 
         out, logits = model(x_t, t, cond, self_cond, drop, return_logits=True)
         per_sample = self._distance(out, self.objective.target(x0, eps, t))

@@ -77,11 +77,34 @@ class LossAwareTimesteps(UniformTimesteps):
         self.filled.copy_(state["filled"])
 
 
-def make_timestep_sampler(name: str, num_timesteps: int) -> UniformTimesteps:
+def trailing_timesteps(num_timesteps: int, steps: int) -> list[int]:
+    """The timesteps a sampler with ``timestep_spacing="trailing"`` evaluates (diffusers' formula)."""
+    return [round(num_timesteps - i * num_timesteps / steps) - 1 for i in range(steps)]
+
+
+class GridTimesteps(UniformTimesteps):
+    """Uniform over the timesteps that a 1..``max_steps``-step trailing sampler evaluates: a few-step
+    sampler only ever asks the network about these, so training spends all its updates there (the
+    discrete-time analogue of distilling a sampler to its steps, as in progressive distillation,
+    Salimans & Ho 2022, arXiv 2202.00512)."""
+
+    def __init__(self, num_timesteps: int, max_steps: int):
+        super().__init__(num_timesteps)
+        grid = sorted({t for s in range(1, max_steps + 1) for t in trailing_timesteps(num_timesteps, s)})
+        self.grid = torch.tensor(grid)
+
+    def sample(self, batch, device, noise=None):
+        i = noise.randint(len(self.grid)).cpu() if noise is not None else torch.randint(0, len(self.grid), (batch,))
+        return self.grid[i].to(device), torch.ones(batch, device=device)
+
+
+def make_timestep_sampler(name: str, num_timesteps: int, grid_steps: int = 5) -> UniformTimesteps:
     if name == "uniform":
         return UniformTimesteps(num_timesteps)
     if name == "loss_aware":
         return LossAwareTimesteps(num_timesteps)
     if name == "warped":
         return LossAwareTimesteps(num_timesteps, reweight=False)
-    raise ValueError(f"unknown timestep sampler {name!r}; choose uniform, loss_aware or warped")
+    if name == "grid":
+        return GridTimesteps(num_timesteps, grid_steps)
+    raise ValueError(f"unknown timestep sampler {name!r}; choose uniform, loss_aware, warped or grid")
