@@ -14,6 +14,7 @@ Usage::
 writes ``results.json`` and ``results.md`` (the Markdown table that is also printed). See ``--help``
 for the budget, cache folder, method subset and config overrides.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,27 +37,53 @@ def _split_list(values: Sequence[str]) -> list[str]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--data", required=True, type=Path, help="Flickr8k folder: captions.txt, Flickr_8k.*Images.txt")
     p.add_argument("--split", default="dev", help="split to score: Flickr_8k.{SPLIT}Images.txt (default dev)")
     p.add_argument("--eval-data", type=Path, default=None, help="score this folder's split instead (default --data)")
     p.add_argument("--out", type=Path, help="results.json to write (results.md goes next to it)")
-    p.add_argument("--prepare-only", type=Path, default=None, metavar="DIR",
-                   help="only write the proxy data set (train + --split) to DIR for `diffcap sweep`, then stop")
-    p.add_argument("--work", type=Path, default=None,
-                   help="cache: prepared data (captions.jsonl, features.safetensors) and run dirs "
-                        "(default: a 'work' folder next to --out)")
+    p.add_argument(
+        "--prepare-only",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="only write the proxy data set (train + --split) to DIR for `diffcap sweep`, then stop",
+    )
+    p.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="cache: prepared data (captions.jsonl, features.safetensors) and run dirs "
+        "(default: a 'work' folder next to --out)",
+    )
     p.add_argument("--budget-min", type=float, default=12.0, help="training wall time per model, minutes")
     p.add_argument("--methods", nargs="+", default=[",".join(METHODS)], help=f"subset of {','.join(METHODS)}")
     p.add_argument("--max-eval-images", type=int, default=None, help="score the first N images of the split")
-    p.add_argument("--diffusion-set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
-                   help="config overrides for the diffusion captioner, e.g. model.n_layers=6")
-    p.add_argument("--ar-set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
-                   help="config overrides for the autoregressive captioner")
-    p.add_argument("--distill-share", type=float, default=DISTILL_SHARE,
-                   help="share of the diffusion budget that trains an autoregressive teacher, whose captions of "
-                        "the training images the diffusion captioner then learns (0: train on the references)")
+    p.add_argument(
+        "--diffusion-set",
+        nargs="*",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides for the diffusion captioner, e.g. model.n_layers=6",
+    )
+    p.add_argument(
+        "--ar-set",
+        nargs="*",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides for the autoregressive captioner",
+    )
+    p.add_argument(
+        "--distill-share",
+        type=float,
+        default=DISTILL_SHARE,
+        help="share of the diffusion budget that trains an autoregressive teacher, whose captions of "
+        "the training images the diffusion captioner then learns (0: train on the references)",
+    )
     p.add_argument("--distill-beam", type=int, default=DISTILL_BEAM, help="beam size of the teacher's captions")
     p.add_argument("--steps-list", nargs="+", default=["1,3,5,10,20,50"], help="diffusion sampling steps to sweep")
     args = p.parse_args(argv)
@@ -89,12 +116,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     command = shlex.join(["python", "benchmarks/flickr8k_proxy.py", *(sys.argv[1:] if argv is None else argv)])
-    return run_proxy(ProxyOptions(
-        data=args.data, out=args.out, work=args.work, split=args.split, eval_data=args.eval_data,
-        prepare_only=args.prepare_only, budget_min=args.budget_min, methods=args.methods,
-        max_eval_images=args.max_eval_images, diffusion_set=args.diffusion_set, ar_set=args.ar_set,
-        distill_share=args.distill_share, distill_beam=args.distill_beam, steps_list=args.steps_list,
-        command=command))
+    return run_proxy(
+        ProxyOptions(
+            data=args.data,
+            out=args.out,
+            work=args.work,
+            split=args.split,
+            eval_data=args.eval_data,
+            prepare_only=args.prepare_only,
+            budget_min=args.budget_min,
+            methods=args.methods,
+            max_eval_images=args.max_eval_images,
+            diffusion_set=args.diffusion_set,
+            ar_set=args.ar_set,
+            distill_share=args.distill_share,
+            distill_beam=args.distill_beam,
+            steps_list=args.steps_list,
+            command=command,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ line per variant and writes them all to ``--out``::
 The features come from the benchmark's cache in ``--work`` (the same folder the benchmark used); the data
 and the scoring are diffcap.experiments.proxy's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,13 @@ def main(argv=None) -> list[dict]:
         seconds = time.perf_counter() - start
         predictions = dict(zip(ev.image_ids, texts))
         metrics = proxy.score(predictions, ev.references)
-        row = {"sampler": overrides, **{k: metrics[k] for k in ("CIDEr", "BLEU-4", "METEOR", "ROUGE_L")},
-               "n_images": len(texts), "captioning_s": seconds, "samples": texts[:3]}
+        row = {
+            "sampler": overrides,
+            **{k: metrics[k] for k in ("CIDEr", "BLEU-4", "METEOR", "ROUGE_L")},
+            "n_images": len(texts),
+            "captioning_s": seconds,
+            "samples": texts[:3],
+        }
         print(json.dumps(row), flush=True)
         rows.append(row)
     if args.out:

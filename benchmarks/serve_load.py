@@ -12,6 +12,7 @@ network's shape and the sampling steps, not on how well it was trained. Every re
 scene with the run's default settings, so all requests can share a batch. Prints a Markdown table and
 writes the raw numbers to --out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,20 @@ def demo_architecture_run(root: Path) -> Path:
     cfg = demo_config(root / "data", DemoSize(n_train=64, n_val=8, n_test=16, steps=5))
     cfg.train.eval_every, cfg.train.warmup_steps, cfg.train.progress = 0, 1, False
     cfg.save(root / "config.yaml")  # JSON is YAML: the demo's whole config as the run's settings
-    assert main(["train", "--config", str(root / "config.yaml"), "--out", str(root / "run"),
-                 f"data.captions={paths['captions']}", f"data.features={paths['features']}"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(root / "config.yaml"),
+                "--out",
+                str(root / "run"),
+                f"data.captions={paths['captions']}",
+                f"data.features={paths['features']}",
+            ]
+        )
+        == 0
+    )
     return root / "run"
 
 
@@ -65,8 +78,23 @@ def test_scenes(run: Path, n: int = 8) -> list[bytes]:
 
 
 def start(run: Path, port: int, max_batch: int, max_queue: int, log: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "diffcap.cli", "serve", "--run", str(run), "--host", HOST, "--port", str(port),
-           "--no-page", "--max-batch", str(max_batch), "--max-queue", str(max_queue)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "diffcap.cli",
+        "serve",
+        "--run",
+        str(run),
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--no-page",
+        "--max-batch",
+        str(max_batch),
+        "--max-queue",
+        str(max_queue),
+    ]
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
     for _ in range(600):
         if proc.poll() is not None:
@@ -97,8 +125,10 @@ def load(port: int, scenes: list[bytes], n_requests: int, clients: int) -> dict:
                     return
                 started = time.perf_counter()
                 try:
-                    r = http.post(f"http://{HOST}:{port}/api/caption",
-                                  files={"image": ("scene.png", scenes[i % len(scenes)], "image/png")})
+                    r = http.post(
+                        f"http://{HOST}:{port}/api/caption",
+                        files={"image": ("scene.png", scenes[i % len(scenes)], "image/png")},
+                    )
                     ok = r.status_code == 200
                     message = "" if ok else f"{r.status_code} {r.text[:200]}"
                 except httpx.HTTPError as exc:
@@ -119,10 +149,19 @@ def load(port: int, scenes: list[bytes], n_requests: int, clients: int) -> dict:
         t.join()
     wall = time.perf_counter() - started
     q = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else [0.0] * 99
-    return {"clients": clients, "requests": n_requests, "ok": len(latencies), "errors": len(errors),
-            "error_examples": errors[:3], "wall_s": round(wall, 2), "requests_per_s": round(len(latencies) / wall, 1),
-            "p50_ms": round(q[49] * 1000, 1), "p95_ms": round(q[94] * 1000, 1), "p99_ms": round(q[98] * 1000, 1),
-            "mean_batch": round(statistics.fmean(batch_sizes), 2) if batch_sizes else 0.0}
+    return {
+        "clients": clients,
+        "requests": n_requests,
+        "ok": len(latencies),
+        "errors": len(errors),
+        "error_examples": errors[:3],
+        "wall_s": round(wall, 2),
+        "requests_per_s": round(len(latencies) / wall, 1),
+        "p50_ms": round(q[49] * 1000, 1),
+        "p95_ms": round(q[94] * 1000, 1),
+        "p99_ms": round(q[98] * 1000, 1),
+        "mean_batch": round(statistics.fmean(batch_sizes), 2) if batch_sizes else 0.0,
+    }
 
 
 def main() -> None:
@@ -154,13 +193,20 @@ def main() -> None:
                 proc.terminate()
                 proc.wait(timeout=30)
 
-    env = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-           "torch": torch.__version__, "run": str(args.run or "demo network, throwaway weights")}
+    env = {
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "run": str(args.run or "demo network, throwaway weights"),
+    }
     print("\n| batching | clients | requests/s | p50 ms | p95 ms | p99 ms | mean batch | errors |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['batching']} | {r['clients']} | {r['requests_per_s']} | {r['p50_ms']} | {r['p95_ms']} | "
-              f"{r['p99_ms']} | {r['mean_batch']} | {r['errors']} |")
+        print(
+            f"| {r['batching']} | {r['clients']} | {r['requests_per_s']} | {r['p50_ms']} | {r['p95_ms']} | "
+            f"{r['p99_ms']} | {r['mean_batch']} | {r['errors']} |"
+        )
     if args.out:
         Path(args.out).write_text(json.dumps({"env": env, "rows": rows}, indent=1) + "\n")
 

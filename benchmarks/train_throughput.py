@@ -9,6 +9,7 @@ the first steps are not counted:
 
 Prints one JSON object; writes it to --out as well.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,18 +77,37 @@ def run(root: Path, processes: int, global_batch: int, steps: int, warmup: int) 
         cmd = [sys.executable, *train]
     else:
         env["ACCELERATE_USE_CPU"] = "true"  # --multi_gpu starts torchrun; this puts it on gloo/CPU
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), *train]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+            *train,
+        ]
     t0 = time.time()
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
     wall = time.time() - t0
     elapsed = logged_elapsed(out)
     seconds = elapsed[steps] - elapsed[warmup]
-    return {"processes": processes, "per_process_batch": global_batch // processes, "global_batch": global_batch,
-            "timed_steps": steps - warmup, "timed_s": round(seconds, 3),
-            "captions_per_s": round((steps - warmup) * global_batch / seconds, 1),
-            "wall_s_with_startup": round(wall, 1)}
+    return {
+        "processes": processes,
+        "per_process_batch": global_batch // processes,
+        "global_batch": global_batch,
+        "timed_steps": steps - warmup,
+        "timed_s": round(seconds, 3),
+        "captions_per_s": round((steps - warmup) * global_batch / seconds, 1),
+        "wall_s_with_startup": round(wall, 1),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -104,9 +124,13 @@ def main(argv: list[str] | None = None) -> dict:
         rows = [run(root, n, args.global_batch, args.steps, args.warmup) for n in args.processes]
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    result = {"runs": rows, "torch": torch.__version__, "cpu_count": os.cpu_count(),
-              "machine": platform.processor() or platform.machine(),
-              "config": "d_model 128, 3 layers, 4 heads, emb_dim 32, max_length 16, 512-d features, 1,024 captions"}
+    result = {
+        "runs": rows,
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+        "config": "d_model 128, 3 layers, 4 heads, emb_dim 32, max_length 16, 512-d features, 1,024 captions",
+    }
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny data sets in the data contract and a small, fast model config."""
+
 from __future__ import annotations
 
 import os
@@ -11,9 +12,14 @@ from diffcap.config import Config
 from diffcap.data.contract import CaptionRecord, write_captions, write_features
 
 CAPTIONS = [
-    "a dog runs on the grass", "two children play in the snow", "a man rides a red bike",
-    "a black cat sleeps on a sofa", "people walk along the beach at sunset", "a bird sits on a wire",
-    "a woman reads a book in the park", "three boats float on a calm lake",
+    "a dog runs on the grass",
+    "two children play in the snow",
+    "a man rides a red bike",
+    "a black cat sleeps on a sofa",
+    "people walk along the beach at sunset",
+    "a bird sits on a wire",
+    "a woman reads a book in the park",
+    "three boats float on a calm lake",
 ]
 
 

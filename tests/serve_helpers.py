@@ -1,5 +1,6 @@
 """Runs and a live server for the `diffcap serve` tests: a demo-style run (its own CNN on 64x64 scene
 pixels) trained for a few steps, which is all a test of the serving machinery needs."""
+
 from __future__ import annotations
 
 import io
@@ -17,16 +18,32 @@ from PIL import Image
 from diffcap.cli import main
 from diffcap.demo.dataset import make_demo_dataset, write_demo_dataset
 
-TINY_MODEL = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.emb_dim=8", "text.max_length=12",
-              "diffusion.num_timesteps=100", "sampler.steps=5", "train.steps=3", "train.batch_size=8",
-              "train.eval_every=0", "train.warmup_steps=1", "train.progress=false"]
+TINY_MODEL = [
+    "model.d_model=32",
+    "model.n_layers=1",
+    "model.n_heads=2",
+    "model.emb_dim=8",
+    "text.max_length=12",
+    "diffusion.num_timesteps=100",
+    "sampler.steps=5",
+    "train.steps=3",
+    "train.batch_size=8",
+    "train.eval_every=0",
+    "train.warmup_steps=1",
+    "train.progress=false",
+]
 
 
 def train_demo_run(root: Path, kind: str = "diffusion") -> Path:
     """Demo scenes (a few per split), then `diffcap train` of a tiny captioner with the demo's CNN."""
     paths = write_demo_dataset(root / "data", make_demo_dataset(16, 4, 6, seed=0))
-    overrides = [f"data.captions={paths['captions']}", f"data.features={paths['features']}",
-                 "model.image_encoder=cnn", f"model.kind={kind}", *TINY_MODEL]
+    overrides = [
+        f"data.captions={paths['captions']}",
+        f"data.features={paths['features']}",
+        "model.image_encoder=cnn",
+        f"model.kind={kind}",
+        *TINY_MODEL,
+    ]
     if kind == "diffusion":
         overrides.append("model.self_condition=false")
     assert main(["train", "--out", str(root / "run"), *overrides]) == 0

@@ -1,15 +1,15 @@
 """The autoregressive baseline captioner: shapes, KV cache, loss masking, greedy and beam search."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import CAPTIONS
 from safetensors.torch import load_file, save_file
 
 from diffcap.config import ModelConfig
 from diffcap.models.autoregressive import IGNORE_INDEX, AutoregressiveCaptioner, prefix_lm_mask
 from diffcap.text.tokenizer import CaptionTokenizer
-
-from conftest import CAPTIONS
 
 SEQ_LEN = 10
 
@@ -46,8 +46,7 @@ def test_shapes_and_rebuild(tmp_path):
     # the same model, special ids included, with no extra arguments.
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "m.safetensors"))
     cfg = ModelConfig(d_model=8, n_layers=1, n_heads=1, cond_dim=16, cond_tokens=3)
-    rebuilt = AutoregressiveCaptioner(cfg, vocab_size=40, seq_len=SEQ_LEN,
-                                      backbone_config=model.body_config())
+    rebuilt = AutoregressiveCaptioner(cfg, vocab_size=40, seq_len=SEQ_LEN, backbone_config=model.body_config())
     rebuilt.load_state_dict(load_file(str(tmp_path / "m.safetensors")))
     rebuilt.eval()
     feats = torch.randn(2, 3, 16)
@@ -97,9 +96,9 @@ def test_teacher_forcing_targets():
 def test_loss_ignores_positions_after_eos():
     model = sharpen(small_model())
     feats = torch.randn(3, 16)
-    ids = torch.tensor([[5, 6, 7, 0, 0, 0, 0, 0, 0, 0],
-                        [8, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-                        [5, 6, 7, 8, 9, 10, 11, 12, 0, 0]])
+    ids = torch.tensor(
+        [[5, 6, 7, 0, 0, 0, 0, 0, 0, 0], [8, 0, 0, 0, 0, 0, 0, 0, 0, 0], [5, 6, 7, 8, 9, 10, 11, 12, 0, 0]]
+    )
     garbage = ids.clone()
     garbage[0, 4:] = torch.arange(20, 26)  # everything after the first PAD (= where EOS goes)
     garbage[1, 2:] = 9
@@ -118,14 +117,21 @@ def test_loss_is_the_mean_token_nll_of_next_token_prediction():
     feats = torch.randn(2, 16)
     ids = torch.tensor([[5, 6, 7, 0, 0, 0, 0, 0, 0, 0], [8, 9, 10, 11, 12, 13, 14, 15, 16, 17]])
     inputs, targets = model.teacher_forcing(ids)
+
     def next_token_logp(b: int, i: int) -> torch.Tensor:  # log p(. | condition, inputs[b, :i+1]), alone
-        x = torch.cat([model.embed_prefix(model.encode_condition(feats[b:b + 1])),
-                       model.embed_tokens(inputs[b:b + 1, :i + 1], 0)], dim=1)
+        x = torch.cat(
+            [
+                model.embed_prefix(model.encode_condition(feats[b : b + 1])),
+                model.embed_tokens(inputs[b : b + 1, : i + 1], 0),
+            ],
+            dim=1,
+        )
         return model.logits(model.decode(x, prefix_lm_mask(1, 0, i + 2, i + 2, x.device)))[0, -1].log_softmax(-1)
 
     with torch.no_grad():
-        logp = torch.stack([torch.stack([next_token_logp(b, i)[t] for i, t in enumerate(targets[b].clamp(min=0))])
-                            for b in range(2)])
+        logp = torch.stack(
+            [torch.stack([next_token_logp(b, i)[t] for i, t in enumerate(targets[b].clamp(min=0))]) for b in range(2)]
+        )
         out = model.loss(ids, feats)
     nll = -logp * (targets != IGNORE_INDEX)
     assert out["per_sample"].tolist() == pytest.approx((nll.sum(1) / torch.tensor([4.0, 11.0])).tolist(), rel=1e-5)
@@ -135,8 +141,7 @@ def test_loss_is_the_mean_token_nll_of_next_token_prediction():
 def test_beam_one_is_greedy():
     model = sharpen(small_model(cond_tokens=3))
     feats = torch.randn(5, 3, 16)
-    assert torch.equal(model.search(feats, max_length=SEQ_LEN, beam_size=1),
-                       model.search(feats, max_length=SEQ_LEN))
+    assert torch.equal(model.search(feats, max_length=SEQ_LEN, beam_size=1), model.search(feats, max_length=SEQ_LEN))
 
 
 def test_overfits_eight_captions():
@@ -145,8 +150,14 @@ def test_overfits_eight_captions():
     torch.manual_seed(0)
     feats = torch.randn(len(CAPTIONS), 16)
     cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, dropout=0.0, cond_dim=16, cond_tokens=1)
-    model = AutoregressiveCaptioner(cfg, vocab_size=tokenizer.vocab_size, seq_len=SEQ_LEN,
-                                    bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    model = AutoregressiveCaptioner(
+        cfg,
+        vocab_size=tokenizer.vocab_size,
+        seq_len=SEQ_LEN,
+        bos_id=tokenizer.bos_id,
+        eos_id=tokenizer.eos_id,
+        pad_id=tokenizer.pad_id,
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(300):
         loss = model.loss(ids, feats)["loss"]
@@ -174,13 +185,22 @@ def test_pipeline_refuses_settings_left_to_right_decoding_cannot_honour():
     cfg.model = ModelConfig(kind="autoregressive", d_model=32, n_layers=1, n_heads=4, cond_dim=16, cond_tokens=1)
     cfg.text.max_length = SEQ_LEN
     tokenizer = CaptionTokenizer.build_word_level(CAPTIONS, max_length=SEQ_LEN)
-    model = AutoregressiveCaptioner(cfg.model, vocab_size=tokenizer.vocab_size, seq_len=SEQ_LEN,
-                                    bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    model = AutoregressiveCaptioner(
+        cfg.model,
+        vocab_size=tokenizer.vocab_size,
+        seq_len=SEQ_LEN,
+        bos_id=tokenizer.bos_id,
+        eos_id=tokenizer.eos_id,
+        pad_id=tokenizer.pad_id,
+    )
     pipe = CaptionPipeline(cfg, model, tokenizer)
     feats = torch.randn(2, 16)
     assert len(pipe(feats, beam_size=2).texts) == 2
-    for overrides, message in [({"steps": 5}, "sampler.steps does not apply"), ({"seed": 3}, "sampler.seed"),
-                               ({"guidance_scale": 2.0}, "sampler.guidance_scale")]:
+    for overrides, message in [
+        ({"steps": 5}, "sampler.steps does not apply"),
+        ({"seed": 3}, "sampler.seed"),
+        ({"guidance_scale": 2.0}, "sampler.guidance_scale"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             pipe(feats, **overrides)
     with pytest.raises(ValueError, match="no trajectory"):

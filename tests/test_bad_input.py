@@ -1,5 +1,6 @@
 """Hostile inputs fail early, before training, with a message naming the file and the item; a NaN
 loss stops training with the step and the images, and leaves the last checkpoint intact."""
+
 from __future__ import annotations
 
 import hashlib
@@ -8,14 +9,13 @@ import re
 
 import pytest
 import torch
+from conftest import make_feature_data, small_config
 from safetensors.torch import save_file
 
 from diffcap.cli import main
 from diffcap.data.contract import CaptionRecord, DataError, write_captions
 from diffcap.training import Trainer, load_training_data
 from diffcap.training.rundir import RunDir
-
-from conftest import make_feature_data, small_config
 
 
 def test_nan_features_name_the_file_and_image(feature_data):
@@ -24,14 +24,18 @@ def test_nan_features_name_the_file_and_image(feature_data):
     items["img3"][5] = float("nan")
     items["val1"][0] = float("inf")
     save_file(items, str(path))  # another producer: write_features would refuse
-    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: NaN or infinite values in 2 id\(s\): 'img3', 'val1'"):
+    with pytest.raises(
+        DataError, match=rf"^{re.escape(str(path))}: NaN or infinite values in 2 id\(s\): 'img3', 'val1'"
+    ):
         load_training_data(small_config(feature_data))
 
 
 def test_ids_that_do_not_match(feature_data, caplog):
     captions = feature_data / "captions.jsonl"
     records = [CaptionRecord(f"img{i}", "a dog runs", "train") for i in range(8)]
-    write_captions(records + [CaptionRecord("img99", "a cat", "train"), CaptionRecord("img98", "a cat", "train")], captions)
+    write_captions(
+        records + [CaptionRecord("img99", "a cat", "train"), CaptionRecord("img98", "a cat", "train")], captions
+    )
     with pytest.raises(DataError) as info:
         load_training_data(small_config(feature_data))
     message = str(info.value)
@@ -62,10 +66,15 @@ def test_empty_and_all_pad_captions_are_errors(feature_data):
     with pytest.raises(DataError, match=rf"^{re.escape(str(captions))}:1: empty caption for image 'img0'"):
         load_training_data(small_config(feature_data))
     # a lone combining accent: not empty text, but no tokens at all once normalised (all PAD)
-    records = [CaptionRecord(f"img{i}", "a dog runs", "train") for i in range(7)] + [CaptionRecord("img7", "\u0301", "train")]
+    records = [CaptionRecord(f"img{i}", "a dog runs", "train") for i in range(7)] + [
+        CaptionRecord("img7", "\u0301", "train")
+    ]
     write_captions(records, captions)
-    with pytest.raises(DataError, match=rf"^{re.escape(str(captions))}: 1 train caption\(s\) have no tokens \(all PAD\), "
-                                        r"for image\(s\) 'img7'"):
+    with pytest.raises(
+        DataError,
+        match=rf"^{re.escape(str(captions))}: 1 train caption\(s\) have no tokens \(all PAD\), "
+        r"for image\(s\) 'img7'",
+    ):
         load_training_data(small_config(feature_data))
 
 
@@ -76,8 +85,10 @@ def test_over_long_captions_are_counted(feature_data, caplog):
     write_captions(records, captions)
     with caplog.at_level(logging.WARNING):
         load_training_data(small_config(feature_data))  # max_length 10
-    assert (f"{captions}: 2 of 8 train captions are longer than max_length=10 tokens and were truncated "
-            "(e.g. for image(s) 'img2', 'img5')") in caplog.text
+    assert (
+        f"{captions}: 2 of 8 train captions are longer than max_length=10 tokens and were truncated "
+        "(e.g. for image(s) 'img2', 'img5')"
+    ) in caplog.text
 
 
 def test_feature_width_that_does_not_fit_the_run(feature_data, tmp_path):
@@ -110,7 +121,11 @@ def test_decompression_bomb_is_an_error_naming_the_file(tmp_path, monkeypatch):
 
 
 def _digest(folder):
-    return {p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_nan_loss_stops_with_step_and_images_and_keeps_the_checkpoint(feature_data, tmp_path, monkeypatch):

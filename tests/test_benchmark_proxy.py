@@ -1,4 +1,5 @@
 """End to end: the Flickr8k sentence-conditioned proxy benchmark on a tiny fake Flickr8k folder."""
+
 from __future__ import annotations
 
 import json
@@ -16,13 +17,42 @@ from diffcap.experiments import proxy  # noqa: E402
 from diffcap.experiments.proxy import ProxyOptions, run_proxy  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "flickr8k_proxy.py"
-SUBJECTS = ["a dog", "two children", "a man", "a black cat", "a woman", "three boats", "a bird", "an old man",
-            "a young girl", "a brown horse", "a surfer", "a cyclist", "a little boy", "a white dog",
-            "a group of people", "a skier"]
-ACTIONS = ["runs on the grass", "plays in the snow", "rides a red bike", "sleeps on a sofa", "reads a book in a park",
-           "floats on a calm lake", "sits on a wire", "walks along the beach", "jumps into a pool", "climbs a rock",
-           "rides a wave", "crosses a bridge", "eats an apple", "chases a ball", "stands in front of a building",
-           "skis down a slope"]
+SUBJECTS = [
+    "a dog",
+    "two children",
+    "a man",
+    "a black cat",
+    "a woman",
+    "three boats",
+    "a bird",
+    "an old man",
+    "a young girl",
+    "a brown horse",
+    "a surfer",
+    "a cyclist",
+    "a little boy",
+    "a white dog",
+    "a group of people",
+    "a skier",
+]
+ACTIONS = [
+    "runs on the grass",
+    "plays in the snow",
+    "rides a red bike",
+    "sleeps on a sofa",
+    "reads a book in a park",
+    "floats on a calm lake",
+    "sits on a wire",
+    "walks along the beach",
+    "jumps into a pool",
+    "climbs a rock",
+    "rides a wave",
+    "crosses a bridge",
+    "eats an apple",
+    "chases a ball",
+    "stands in front of a building",
+    "skis down a slope",
+]
 
 
 def make_flickr8k(root: Path, n_train: int = 12, n_dev: int = 4) -> Path:
@@ -32,8 +62,13 @@ def make_flickr8k(root: Path, n_train: int = 12, n_dev: int = 4) -> Path:
     rows = ["image,caption"]
     for i, name in enumerate(names):
         subject, action = SUBJECTS[i], ACTIONS[i]
-        variants = [f"{subject} {action} .", f"{subject} {action}", f"There is {subject} that {action} .",
-                    f"{subject.capitalize()} , outdoors , {action} .", f"{subject} {action} today ."]
+        variants = [
+            f"{subject} {action} .",
+            f"{subject} {action}",
+            f"There is {subject} that {action} .",
+            f"{subject.capitalize()} , outdoors , {action} .",
+            f"{subject} {action} today .",
+        ]
         rows += [f'{name},"{v}"' if "," in v else f"{name},{v}" for v in variants]
     (root / "captions.txt").write_text("\n".join(rows) + "\n")
     (root / "Flickr_8k.trainImages.txt").write_text("\n".join(names[:n_train]) + "\n")
@@ -53,12 +88,34 @@ def test_end_to_end_all_methods(tmp_path, monkeypatch):
     # loaded CPU as well
     data = make_flickr8k(tmp_path / "flickr8k")
     out = tmp_path / "out" / "results.json"
-    results = run_proxy(ProxyOptions(data=data, split="dev", out=out, work=tmp_path / "work", budget_min=0.2,
-                                     steps_list=[2], distill_share=0.25,
-                                     diffusion_set=[*TINY, "model.emb_dim=16", "sampler.steps=2"], ar_set=TINY))
+    results = run_proxy(
+        ProxyOptions(
+            data=data,
+            split="dev",
+            out=out,
+            work=tmp_path / "work",
+            budget_min=0.2,
+            steps_list=[2],
+            distill_share=0.25,
+            diffusion_set=[*TINY, "model.emb_dim=16", "sampler.steps=2"],
+            ar_set=TINY,
+        )
+    )
     saved = json.loads(out.read_text())
-    assert saved.keys() >= {"human", "retrieval", "autoregressive", "diffusion", "diffusion_by_steps",
-                            "matmul_gflops", "sampling_gflops", "machine", "command", "date", "split", "configs"}
+    assert saved.keys() >= {
+        "human",
+        "retrieval",
+        "autoregressive",
+        "diffusion",
+        "diffusion_by_steps",
+        "matmul_gflops",
+        "sampling_gflops",
+        "machine",
+        "command",
+        "date",
+        "split",
+        "configs",
+    }
     for method in ("human", "retrieval", "autoregressive", "diffusion"):
         assert {"BLEU-4", "METEOR", "ROUGE_L", "CIDEr"} <= saved[method].keys()
         assert saved[method]["n_images"] == 4
@@ -72,7 +129,8 @@ def test_end_to_end_all_methods(tmp_path, monkeypatch):
     distilled = saved["diffusion"]["distillation"]
     assert distilled["teacher"]["steps"] >= 1 and distilled["captioning"]["images"] == 12
     assert saved["diffusion"]["train_s"] == pytest.approx(
-        distilled["teacher"]["train_s"] + distilled["captioning"]["captioning_s"] + distilled["student_train_s"])
+        distilled["teacher"]["train_s"] + distilled["captioning"]["captioning_s"] + distilled["student_train_s"]
+    )
     assert saved["configs"]["diffusion"]["data"]["captions"].endswith("captions_distilled.jsonl")
     assert distilled["beam"] == 3 and {"BLEU-4", "CIDEr"} <= saved["diffusion_teacher"].keys()
     assert {"BLEU-4", "CIDEr"} <= saved["diffusion_without_collapse"].keys()
@@ -105,8 +163,19 @@ def test_prepare_only_writes_the_sweep_data_folder(tmp_path):
 
     data = make_flickr8k(tmp_path / "flickr8k")
     folder = tmp_path / "proxy"
-    assert run_proxy(ProxyOptions(data=data, split="dev", out=folder / "results.json", work=tmp_path / "work",
-                                  prepare_only=folder, diffusion_set=["model.n_layers=3"])) == {}
+    assert (
+        run_proxy(
+            ProxyOptions(
+                data=data,
+                split="dev",
+                out=folder / "results.json",
+                work=tmp_path / "work",
+                prepare_only=folder,
+                diffusion_set=["model.n_layers=3"],
+            )
+        )
+        == {}
+    )
     records = read_captions(folder / "captions.jsonl")
     assert {r.split for r in records} == {"train", "dev"} and len(records) == 16 * 4
     assert len(FeatureStore.open(folder / "features.safetensors").ids) == 16
@@ -129,8 +198,11 @@ def test_retrieval_on_the_training_images_is_the_human_caption(tmp_path, monkeyp
     assert torch.allclose(train.features.norm(dim=1), torch.ones(12), atol=1e-5)
     assert train.conditions[0] == "a dog runs on the grass ."  # caption #0 is the condition...
     assert train.references[train.image_ids[0]] == [  # ...and #1 to #4 are the references
-        "a dog runs on the grass", "There is a dog that runs on the grass .",
-        "A dog , outdoors , runs on the grass .", "a dog runs on the grass today ."]
+        "a dog runs on the grass",
+        "There is a dog that runs on the grass .",
+        "A dog , outdoors , runs on the grass .",
+        "a dog runs on the grass today .",
+    ]
     predictions, sims = proxy.nearest_neighbour(train, train)
     assert predictions == dict(zip(train.image_ids, train.conditions))
     assert torch.allclose(sims, torch.ones(12), atol=1e-5)
@@ -148,14 +220,20 @@ def test_missing_split_file_is_named(tmp_path):
     """The command line: a missing split list is an error that names it, not a traceback."""
     data = make_flickr8k(tmp_path / "flickr8k")
     (data / "Flickr_8k.trainImages.txt").unlink()
-    done = subprocess.run([sys.executable, str(SCRIPT), "--data", str(data), "--out", str(tmp_path / "r.json"),
-                           "--methods", "human"], capture_output=True, text=True, timeout=300, check=False)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--data", str(data), "--out", str(tmp_path / "r.json"), "--methods", "human"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 1 and "Flickr_8k.trainImages.txt" in done.stderr.splitlines()[-1]
 
 
 def test_time_budget_stops_training_and_saves(feature_data, tmp_path):
     """train.time_budget_s ends the run early; the last step is logged and checkpointed like a planned end."""
     from conftest import small_config
+
     from diffcap.training import Trainer
 
     cfg = small_config(feature_data, steps=10**6)

@@ -1,4 +1,5 @@
 """The command line end to end: train a few steps, sample, eval; and its error messages."""
+
 from __future__ import annotations
 
 import json
@@ -18,11 +19,29 @@ def test_train_sample_eval_smoke(feature_data, tmp_path, capsys):
     )
     assert main(["train", "--config", str(cfg), "--out", str(run), "train.steps=4", "train.eval_every=4"]) == 0
     assert {"config.json", "model.safetensors", "ema.safetensors", "tokenizer", "checkpoints"} <= {
-        p.name for p in run.iterdir()}
+        p.name for p in run.iterdir()
+    }
     capsys.readouterr()
 
-    assert main(["sample", "--run", str(run), "--features", str(feature_data / "features.safetensors"),
-                 "--ids", "val0", "val1", "--steps", "5", "--out", str(tmp_path / "res.json")]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--run",
+                str(run),
+                "--features",
+                str(feature_data / "features.safetensors"),
+                "--ids",
+                "val0",
+                "val1",
+                "--steps",
+                "5",
+                "--out",
+                str(tmp_path / "res.json"),
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split("\t")[0] for line in lines] == ["val0", "val1"]
     assert [r["image_id"] for r in json.loads((tmp_path / "res.json").read_text())] == ["val0", "val1"]
@@ -65,9 +84,33 @@ def test_every_sampler_setting_has_a_flag():
     from diffcap.cli import _sampler_overrides, build_parser
     from diffcap.config import SamplerConfig
 
-    args = build_parser().parse_args(["sample", "--run", "r", "--features", "f", "--steps", "7", "--no-clamp",
-                                      "--guidance", "2", "--beam", "3", "--length", "expected", "--seed", "5"])
-    assert _sampler_overrides(args) == {"steps": 7, "clamp": False, "guidance_scale": 2.0, "beam_size": 3,
-                                        "length": "expected", "seed": 5}
+    args = build_parser().parse_args(
+        [
+            "sample",
+            "--run",
+            "r",
+            "--features",
+            "f",
+            "--steps",
+            "7",
+            "--no-clamp",
+            "--guidance",
+            "2",
+            "--beam",
+            "3",
+            "--length",
+            "expected",
+            "--seed",
+            "5",
+        ]
+    )
+    assert _sampler_overrides(args) == {
+        "steps": 7,
+        "clamp": False,
+        "guidance_scale": 2.0,
+        "beam_size": 3,
+        "length": "expected",
+        "seed": 5,
+    }
     names = {a.dest for a in build_parser()._subparsers._group_actions[0].choices["eval"]._actions}
     assert {f.name for f in dataclasses.fields(SamplerConfig)} <= names

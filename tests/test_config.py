@@ -11,13 +11,16 @@ def test_yaml_then_overrides(tmp_path):
     assert Config.from_dict(cfg.to_dict()) == cfg
 
 
-@pytest.mark.parametrize("override,message", [
-    ("train.stepz=3", "unknown config key 'train.stepz'"),
-    ("nosection.x=1", "unknown config key 'nosection'"),
-    ("train.steps=1.5", "'train.steps' must be an integer"),
-    ("model.fusion=sum", "'model.fusion' is 'sum'"),
-    ("train.steps", "must look like section.key=value"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.stepz=3", "unknown config key 'train.stepz'"),
+        ("nosection.x=1", "unknown config key 'nosection'"),
+        ("train.steps=1.5", "'train.steps' must be an integer"),
+        ("model.fusion=sum", "'model.fusion' is 'sum'"),
+        ("train.steps", "must look like section.key=value"),
+    ],
+)
 def test_bad_overrides_are_named(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         Config.load(None, [override])
@@ -32,11 +35,14 @@ def test_unknown_key_in_file_names_the_file(tmp_path):
         Config.load(tmp_path / "missing.yaml")
 
 
-@pytest.mark.parametrize("section, message", [
-    ({"sampler": {"mbr": 1000000}}, "sampler.mbr must be in 1..64"),
-    ({"sampler": {"method": "bogus"}}, "'sampler.method' is 'bogus'"),
-    ({"model": {"kind": "gan"}}, "'model.kind' is 'gan'"),
-])
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"sampler": {"mbr": 1000000}}, "sampler.mbr must be in 1..64"),
+        ({"sampler": {"method": "bogus"}}, "'sampler.method' is 'bogus'"),
+        ({"model": {"kind": "gan"}}, "'model.kind' is 'gan'"),
+    ],
+)
 def test_a_run_config_is_validated_when_loaded(section, message):
     with pytest.raises(ConfigError, match=f"run/config.json: .*{message}"):
         Config.from_dict(section, "run/config.json")

@@ -1,4 +1,5 @@
 """A reduced `diffcap demo` runs end to end and writes both files; `diffcap caption` reads image files."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """The demo's synthetic scenes: determinism, caption/ground-truth agreement, splits, scoring, files."""
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,15 @@ from diffcap.demo.captions import MAX_CAPTION_WORDS, describe
 from diffcap.demo.dataset import make_demo_dataset, write_demo_dataset
 from diffcap.demo.render import render
 from diffcap.demo.scenes import (
-    COLOURS, HELD_OUT_PAIRS, INVERSE_RELATION, SIZE_RADIUS, Obj, Scene, contains_unseen, generate_scenes, load_scenes,
+    COLOURS,
+    HELD_OUT_PAIRS,
+    INVERSE_RELATION,
+    SIZE_RADIUS,
+    Obj,
+    Scene,
+    contains_unseen,
+    generate_scenes,
+    load_scenes,
     relation_of,
 )
 from diffcap.demo.scoring import attribute_accuracy, parse_objects, parse_relation

@@ -1,4 +1,5 @@
 """Schedules, the forward process, objectives, and samplers driven by an oracle denoiser."""
+
 import math
 
 import numpy as np
@@ -9,7 +10,12 @@ from torch import nn
 from diffcap.config import DiffusionConfig, ModelConfig, SamplerConfig
 from diffcap.diffusion.diffusion import GaussianDiffusion
 from diffcap.diffusion.sampler import (
-    Sampler, SampleOutput, collapse_repeats, expected_length_layout, ngram_f1, select_mbr,
+    SampleOutput,
+    Sampler,
+    collapse_repeats,
+    expected_length_layout,
+    ngram_f1,
+    select_mbr,
 )
 from diffcap.diffusion.schedules import alpha_bar, make_betas
 from diffcap.models.embedding import TokenEmbedding
@@ -78,8 +84,10 @@ class OracleCaptioner(nn.Module):
         return (out, None) if return_logits else out
 
 
-@pytest.mark.parametrize("method,clamp,steps", [("ddim", False, 10), ("ddim", True, 3), ("ddpm", True, 50),
-                                                 ("ddpm", True, 2000), ("refine", True, 5)])
+@pytest.mark.parametrize(
+    "method,clamp,steps",
+    [("ddim", False, 10), ("ddim", True, 3), ("ddpm", True, 50), ("ddpm", True, 2000), ("refine", True, 5)],
+)
 def test_oracle_sampler_recovers_ids(method, clamp, steps):
     diffusion = GaussianDiffusion(DiffusionConfig(num_timesteps=2000))
     ids = torch.randint(0, 12, (4, 7), generator=torch.Generator().manual_seed(3))
@@ -135,8 +143,11 @@ def test_mbr_picks_the_consensus_sample():
 
 def test_collapse_repeats_keeps_order_and_pads():
     ids = torch.tensor([[5, 5, 5, 6, 7, 7, 0, 0], [1, 2, 1, 2, 0, 0, 0, 0], [3, 3, 3, 3, 3, 3, 3, 3]])
-    assert collapse_repeats(ids, pad_id=0).tolist() == [[5, 6, 7, 0, 0, 0, 0, 0], [1, 2, 1, 2, 0, 0, 0, 0],
-                                                         [3, 0, 0, 0, 0, 0, 0, 0]]
+    assert collapse_repeats(ids, pad_id=0).tolist() == [
+        [5, 6, 7, 0, 0, 0, 0, 0],
+        [1, 2, 1, 2, 0, 0, 0, 0],
+        [3, 0, 0, 0, 0, 0, 0, 0],
+    ]
 
 
 def test_expected_length_layout_counts_the_non_pad_mass():
@@ -162,7 +173,9 @@ def test_oracle_sampler_with_expected_length_recovers_padded_ids(clamp):
     diffusion = GaussianDiffusion(DiffusionConfig(num_timesteps=1000))
     ids = torch.tensor([[3, 4, 5, 0, 0, 0], [6, 7, 8, 9, 10, 0], [11, 0, 0, 0, 0, 0]])
     model = OracleCaptioner(ids, diffusion, dim=16)
-    sampler = Sampler(model, diffusion, SamplerConfig(method="ddim", steps=5, clamp=clamp, length="expected"), seq_len=6)
+    sampler = Sampler(
+        model, diffusion, SamplerConfig(method="ddim", steps=5, clamp=clamp, length="expected"), seq_len=6
+    )
     assert torch.equal(sampler.sample(torch.arange(3), torch.Generator().manual_seed(0)).ids, ids)
 
 
@@ -196,8 +209,17 @@ def test_rounding_is_restricted_to_allowed_tokens():
 def test_score_interpolation_logits_cover_only_allowed_tokens(head):
     from diffcap.models.diffusion_captioner import DiffusionCaptioner
 
-    cfg = ModelConfig(d_model=32, n_layers=1, n_heads=2, emb_dim=8, score_interpolation=True, cond_dim=4,
-                      cond_tokens=1, self_condition=False, score_head=head)
+    cfg = ModelConfig(
+        d_model=32,
+        n_layers=1,
+        n_heads=2,
+        emb_dim=8,
+        score_interpolation=True,
+        cond_dim=4,
+        cond_tokens=1,
+        self_condition=False,
+        score_head=head,
+    )
     model = DiffusionCaptioner(cfg, vocab_size=12, seq_len=5).eval()
     model.embedding.restrict_to(torch.tensor([2, 3, 4]), always=(0,))
     diffusion = GaussianDiffusion(DiffusionConfig(num_timesteps=50))

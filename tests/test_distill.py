@@ -1,17 +1,17 @@
 """Sequence-level distillation (diffcap.training.distill and `diffcap distill`): a teacher run re-captions a split."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
+from conftest import CAPTIONS, small_config
 
 from diffcap.cli import main
 from diffcap.data.contract import DataError, FeatureStore, read_captions
 from diffcap.pipeline import CaptionPipeline
 from diffcap.training import Trainer
 from diffcap.training.distill import distill_captions
-
-from conftest import CAPTIONS, small_config
 
 
 @pytest.fixture
@@ -68,11 +68,24 @@ def test_bad_requests_are_refused(feature_data, teacher, tmp_path):
 
 def test_command_line(feature_data, teacher, tmp_path, capsys):
     out = tmp_path / "distilled.csv"
-    assert main(["distill", "--teacher", str(teacher), "--data", str(feature_data), "--out", str(out),
-                 "--beam", "2"]) == 0
+    assert (
+        main(["distill", "--teacher", str(teacher), "--data", str(feature_data), "--out", str(out), "--beam", "2"]) == 0
+    )
     printed = capsys.readouterr().out
-    assert json.loads(printed[:printed.rindex("}") + 1])["teacher_captions"] == 8
+    assert json.loads(printed[: printed.rindex("}") + 1])["teacher_captions"] == 8
     assert len([r for r in read_captions(out) if r.split == "train"]) == 8
-    assert main(["distill", "--teacher", str(teacher), "--data", str(feature_data),
-                 "--out", str(feature_data / "captions.jsonl")]) == 2
+    assert (
+        main(
+            [
+                "distill",
+                "--teacher",
+                str(teacher),
+                "--data",
+                str(feature_data),
+                "--out",
+                str(feature_data / "captions.jsonl"),
+            ]
+        )
+        == 2
+    )
     assert "overwrite the source" in capsys.readouterr().err

@@ -1,4 +1,5 @@
 """Classifier guidance: gradient direction with an oracle, guided sampling, save/load, training."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -6,6 +7,7 @@ import re
 
 import pytest
 import torch
+from conftest import CAPTIONS, small_config
 
 from diffcap.config import Config
 from diffcap.data.contract import FeatureStore
@@ -17,8 +19,6 @@ from diffcap.pipeline import CaptionPipeline
 from diffcap.text.tokenizer import CaptionTokenizer
 from diffcap.training import Trainer
 from diffcap.training.guidance import load_guidance, train_guidance
-
-from conftest import CAPTIONS, small_config
 
 COND_DIM = 8
 
@@ -84,8 +84,11 @@ def test_guided_sampling_raises_the_guidance_score():
 
     def run(scale: float) -> tuple[float, float]:
         sampler_cfg = dataclasses.replace(cfg.sampler, steps=10, classifier_scale=scale)
-        ids = Sampler(model, diffusion, sampler_cfg, cfg.text.max_length, tok.pad_id, classifier=clf).sample(
-            feats, torch.Generator().manual_seed(0)).ids
+        ids = (
+            Sampler(model, diffusion, sampler_cfg, cfg.text.max_length, tok.pad_id, classifier=clf)
+            .sample(feats, torch.Generator().manual_seed(0))
+            .ids
+        )
         x0 = model.embedding(ids)
         with torch.no_grad():
             score = clf(x0, torch.zeros(len(ids), dtype=torch.long), feats[:, None]).mean()
@@ -104,8 +107,9 @@ def test_guided_sampling_raises_the_guidance_score():
 def test_train_save_load_round_trip_and_guided_pipeline(feature_data, tmp_path, kind):
     cfg = small_config(feature_data, steps=5)
     Trainer(cfg, tmp_path / "run").train(resume=False)
-    record = train_guidance(tmp_path / "run", kind=kind, steps=5, batch_size=8, d_model=32, n_layers=1,
-                            out="guidance-x")
+    record = train_guidance(
+        tmp_path / "run", kind=kind, steps=5, batch_size=8, d_model=32, n_layers=1, out="guidance-x"
+    )
     assert record["steps"] == 5 and 0 <= record["val_accuracy"] <= 1
     clf = load_guidance(tmp_path / "run" / "guidance-x")
     again = load_guidance(tmp_path / "run" / "guidance-x")

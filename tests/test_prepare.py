@@ -1,5 +1,6 @@
 """`diffcap prepare` on each layout with a tiny random CLIP, resumable extraction, bad images,
 text-only (CapDec) conditioning, and captioning real image files with a run trained on CLIP features."""
+
 from __future__ import annotations
 
 import json
@@ -15,10 +16,20 @@ from diffcap.data.encoders import ClipImageEncoder, TextEncoder, extract_image_f
 from diffcap.data.layouts import read_layout
 from diffcap.data.prepare import prepare
 
-CAPTIONS = ["a dog runs on the grass", "a brown dog runs", "a dog on green grass",
-            "two children play in the snow", "kids in the snow", "children playing outside",
-            "a man rides a red bike", "a cyclist on a road", "a man on a bike",
-            "a black cat sleeps on a sofa", "a cat on a couch", "a sleeping cat"]
+CAPTIONS = [
+    "a dog runs on the grass",
+    "a brown dog runs",
+    "a dog on green grass",
+    "two children play in the snow",
+    "kids in the snow",
+    "children playing outside",
+    "a man rides a red bike",
+    "a cyclist on a road",
+    "a man on a bike",
+    "a black cat sleeps on a sofa",
+    "a cat on a couch",
+    "a sleeping cat",
+]
 WORDS = sorted({w for c in CAPTIONS for w in c.split()})
 FLICKR8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k"
 PROJ, HIDDEN, PATCHES = 16, 32, 16  # tiny CLIP: 32x32 images in 8x8 patches -> 16 patch tokens
@@ -34,16 +45,32 @@ def tiny_clip(tmp_path_factory) -> Path:
     vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<bos>", "<eos>", *WORDS])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>",
-                            eos_token="<eos>").save_pretrained(folder)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>", eos_token="<eos>"
+    ).save_pretrained(folder)
     torch.manual_seed(0)
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=HIDDEN, intermediate_size=37, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=16, pad_token_id=0, bos_token_id=2,
-                         eos_token_id=3),
-        vision_config=dict(hidden_size=HIDDEN, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8),
-        projection_dim=PROJ)
+        text_config=dict(
+            vocab_size=len(vocab),
+            hidden_size=HIDDEN,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=16,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
+        ),
+        vision_config=dict(
+            hidden_size=HIDDEN,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=PROJ,
+    )
     CLIPModel(config).save_pretrained(folder)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
@@ -84,8 +111,12 @@ def karpathy_layout(root: Path, name: str) -> Path:
         filepath = "val2014" if name == "coco" else None
         folder = root / ("images" if name == "coco" else "flickr30k-images")
         jpeg(folder / (filepath or "") / filename, i)
-        entry = {"filename": filename, "split": splits[i], "imgid": i,
-                 "sentences": [{"raw": CAPTIONS[3 * i + k]} for k in range(3)]}
+        entry = {
+            "filename": filename,
+            "split": splits[i],
+            "imgid": i,
+            "sentences": [{"raw": CAPTIONS[3 * i + k]} for k in range(3)],
+        }
         if name == "coco":
             entry |= {"filepath": filepath, "cocoid": 500 + i}
         images.append(entry)
@@ -216,16 +247,19 @@ def test_interrupted_extraction_resumes_without_recomputing(tmp_path, tiny_clip)
     first = CountingEncoder(clip, fail_after_batches=2)  # shards of 2 images, batches of 2: 2 shards done
     with pytest.raises(KeyboardInterrupt):
         extract_image_features(images, out, first, batch_size=2, shard_size=2, progress=False)
-    assert sorted(p.name for p in (out / "feature_shards").glob("shard-*")) == ["shard-00000.safetensors",
-                                                                                "shard-00001.safetensors"]
+    assert sorted(p.name for p in (out / "feature_shards").glob("shard-*")) == [
+        "shard-00000.safetensors",
+        "shard-00001.safetensors",
+    ]
     second = CountingEncoder(clip)
     done = extract_image_features(images, out, second, batch_size=2, shard_size=2, progress=False)
     assert second.images == 3 and (done.reused_shards, done.computed_shards) == (2, 2)
     resumed = FeatureStore.open(out / "features.safetensors")
     fresh = extract_image_features(images, tmp_path / "fresh", clip, batch_size=4, shard_size=100, progress=False)
     assert resumed.ids == sorted(images)
-    assert torch.allclose(resumed.get(resumed.ids), FeatureStore.open(fresh.files["pooled"]).get(resumed.ids),
-                          atol=1e-5)
+    assert torch.allclose(
+        resumed.get(resumed.ids), FeatureStore.open(fresh.files["pooled"]).get(resumed.ids), atol=1e-5
+    )
     # changed settings (another shard size) start over instead of mixing shards
     third = CountingEncoder(clip)
     extract_image_features(images, out, third, batch_size=2, shard_size=3, progress=False)
@@ -247,8 +281,21 @@ def test_corrupt_and_missing_images_are_named(tmp_path, tiny_clip, capsys):
     listed = (tmp_path / "out" / "bad_images.txt").read_text()
     assert str(corrupt) in listed and str(missing) in listed
 
-    args = ["prepare", "flickr8k", "--root", str(root), "--out", str(tmp_path / "out"), "--encoder", str(tiny_clip),
-            "--device", "cpu", "--workers", "0", "--no-progress"]
+    args = [
+        "prepare",
+        "flickr8k",
+        "--root",
+        str(root),
+        "--out",
+        str(tmp_path / "out"),
+        "--encoder",
+        str(tiny_clip),
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--no-progress",
+    ]
     assert main(args) == 2
     assert corrupt.name in capsys.readouterr().err
     assert main(args + ["--skip-bad"]) == 0
@@ -276,8 +323,9 @@ def test_prepare_never_overwrites_the_source_captions(tmp_path, how):
     root = tmp_path / "photos"
     jpeg(root / "p0.jpg", 0)
     source = root / "captions.jsonl"
-    source.write_text("".join(json.dumps({"image_id": "p0.jpg", "caption": c, "split": "train"}) + "\n"
-                              for c in CAPTIONS[:3]))
+    source.write_text(
+        "".join(json.dumps({"image_id": "p0.jpg", "caption": c, "split": "train"}) + "\n" for c in CAPTIONS[:3])
+    )
     before = source.read_bytes()
     if how == "out_is_root":
         out, captions = root, None
@@ -299,8 +347,9 @@ def test_prepare_never_overwrites_the_source_captions(tmp_path, how):
 
 def test_text_condition_clip_text(tmp_path, tiny_clip):
     root = folder_layout(tmp_path / "photos")
-    summary = prepare("folder", root, tmp_path / "out", encoder=str(tiny_clip), condition="text",
-                      condition_caption=1, progress=False)
+    summary = prepare(
+        "folder", root, tmp_path / "out", encoder=str(tiny_clip), condition="text", condition_caption=1, progress=False
+    )
     assert summary["kind"] == "clip-text"
     store = FeatureStore.open(tmp_path / "out" / "features.safetensors")
     assert store.item_shape == (PROJ,) and store.metadata["kind"] == "clip-text"
@@ -314,16 +363,18 @@ def test_text_condition_sentence_transformers(tmp_path, minilm_dir):
     pytest.importorskip("sentence_transformers")
     root = flickr8k_layout(tmp_path / "flickr8k")
     (root / "Images").rename(root / "gone")  # text-only preparation never opens an image
-    summary = prepare("flickr8k", root, tmp_path / "out", condition="text", text_encoder=str(minilm_dir),
-                      progress=False)
+    summary = prepare(
+        "flickr8k", root, tmp_path / "out", condition="text", text_encoder=str(minilm_dir), progress=False
+    )
     assert summary["kind"] == "sentence-transformers"
     store = FeatureStore.open(tmp_path / "out" / "features.safetensors")
     assert store.item_shape == (384,) and store.ids == names(4)
     assert len(read_captions(tmp_path / "out" / "captions.jsonl")) == 8
 
 
-def test_text_condition_passes_batch_size_and_dtype_and_warns_of_image_options(tmp_path, tiny_clip,
-                                                                             monkeypatch, caplog):
+def test_text_condition_passes_batch_size_and_dtype_and_warns_of_image_options(
+    tmp_path, tiny_clip, monkeypatch, caplog
+):
     import diffcap.data.prepare as prepare_module
 
     made = []
@@ -336,13 +387,33 @@ def test_text_condition_passes_batch_size_and_dtype_and_warns_of_image_options(t
     monkeypatch.setattr(prepare_module, "TextEncoder", Recording)
     root = folder_layout(tmp_path / "photos")
     with caplog.at_level("WARNING", logger="diffcap.data.prepare"):
-        prepare("folder", root, tmp_path / "out", encoder=str(tiny_clip), condition="text", progress=False,
-                batch_size=3, dtype="fp32", device="cpu")
+        prepare(
+            "folder",
+            root,
+            tmp_path / "out",
+            encoder=str(tiny_clip),
+            condition="text",
+            progress=False,
+            batch_size=3,
+            dtype="fp32",
+            device="cpu",
+        )
     assert made[-1]["batch_size"] == 3 and made[-1]["dtype"] == "fp32"
     assert not [r for r in caplog.records if r.levelname == "WARNING"]  # defaults: no warning
     with caplog.at_level("WARNING", logger="diffcap.data.prepare"):
-        prepare("folder", root, tmp_path / "out2", encoder=str(tiny_clip), condition="text", progress=False,
-                device="cpu", workers=2, skip_bad=True, patch_tokens=True, shard_size=10)
+        prepare(
+            "folder",
+            root,
+            tmp_path / "out2",
+            encoder=str(tiny_clip),
+            condition="text",
+            progress=False,
+            device="cpu",
+            workers=2,
+            skip_bad=True,
+            patch_tokens=True,
+            shard_size=10,
+        )
     warned = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
     assert all(flag in warned for flag in ("--workers", "--skip-bad", "--patch-tokens", "--shard-size"))
 
@@ -350,8 +421,15 @@ def test_text_condition_passes_batch_size_and_dtype_and_warns_of_image_options(t
 def test_text_condition_needs_a_remaining_target(tmp_path, tiny_clip):
     root = folder_layout(tmp_path / "photos")
     with pytest.raises(DataError, match="fewer than 4 captions"):
-        prepare("folder", root, tmp_path / "out", encoder=str(tiny_clip), condition="text", condition_caption=2,
-                progress=False)
+        prepare(
+            "folder",
+            root,
+            tmp_path / "out",
+            encoder=str(tiny_clip),
+            condition="text",
+            condition_caption=2,
+            progress=False,
+        )
 
 
 # ------------------------------------------------------------------------------------------------ end to end
@@ -365,8 +443,26 @@ def test_prepare_train_caption_end_to_end(tmp_path, tiny_clip, capsys):
     from diffcap.training import Trainer
 
     root = folder_layout(tmp_path / "photos")
-    assert main(["prepare", "folder", "--root", str(root), "--out", str(tmp_path / "data"), "--encoder",
-                 str(tiny_clip), "--device", "cpu", "--workers", "0", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                "folder",
+                "--root",
+                str(root),
+                "--out",
+                str(tmp_path / "data"),
+                "--encoder",
+                str(tiny_clip),
+                "--device",
+                "cpu",
+                "--workers",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     cfg = small_config(tmp_path / "data", steps=3)
     cfg.data.feature_noise_std = 0.1  # CapDec noise at training time runs too
@@ -407,8 +503,11 @@ def test_sentence_transformer_run_cannot_encode_images(tmp_path, feature_data, c
     from diffcap.training import Trainer
 
     store = FeatureStore.open(feature_data / "features.safetensors")
-    write_features(feature_data / "features.safetensors", store.all(),
-                   {"encoder": "/models/minilm", "kind": "sentence-transformers"})
+    write_features(
+        feature_data / "features.safetensors",
+        store.all(),
+        {"encoder": "/models/minilm", "kind": "sentence-transformers"},
+    )
     Trainer(small_config(feature_data, steps=1), tmp_path / "run").train(resume=False)
     photo = jpeg(tmp_path / "a.jpg", 0)
     assert main(["caption", str(photo), "--run", str(tmp_path / "run")]) == 2

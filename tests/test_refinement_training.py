@@ -1,5 +1,6 @@
 """Training for few-step refinement: step-unrolled examples (diffusion.unroll_prob) build x_t exactly as
 the DDIM sampler does, and grid timesteps (diffusion.timestep_sampler=grid) are the sampler's own."""
+
 import pytest
 import torch
 
@@ -49,6 +50,7 @@ def test_unrolled_examples_learn_from_the_ddim_step_of_the_first_estimate(featur
     """With unroll_prob=1 the no-gradient pass runs at t = T-1 from x_T, and the pass that is trained
     sees exactly the DDIM step from that clamped estimate, with the estimate as self-conditioning."""
     from conftest import small_config
+
     from diffcap.data.contract import FeatureStore
     from diffcap.training import Trainer
 
@@ -79,6 +81,7 @@ def test_unrolled_examples_learn_from_the_ddim_step_of_the_first_estimate(featur
 
 def test_training_with_unroll_and_grid_timesteps_still_overfits(feature_data, tmp_path):
     from conftest import CAPTIONS, small_config
+
     from diffcap.data.contract import FeatureStore
     from diffcap.pipeline import CaptionPipeline
     from diffcap.training import Trainer

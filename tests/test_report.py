@@ -1,4 +1,5 @@
 """HTML report: self-contained, escaped, one inline PNG per image, atomic write."""
+
 from __future__ import annotations
 
 import base64
@@ -21,7 +22,7 @@ def _items():
             "image_id": "test_00000",
             "image": _image(0),
             "caption": "a red circle <b>&</b> a blue square",
-            "references": ["a small red circle left of a big blue square", "ref with \"quotes\" & <tags>"],
+            "references": ["a small red circle left of a big blue square", 'ref with "quotes" & <tags>'],
             "trajectory": [("t=1000", "[MASK] <x> square"), ("t=0", "a red circle left of a blue square")],
         },
         {

@@ -1,5 +1,6 @@
 """Checkpoints never lost or corrupt: the last N kept, each complete before visible; a run killed with
 SIGKILL resumes from the newest complete one and ends bit-identical to an uninterrupted run."""
+
 from __future__ import annotations
 
 import json
@@ -13,14 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import small_config
 from safetensors.torch import load_file
 
 import diffcap
 from diffcap.pipeline import CaptionPipeline
 from diffcap.training import Trainer
 from diffcap.training.rundir import RunDir
-
-from conftest import small_config
 
 
 def cli_env() -> dict[str, str]:
@@ -200,5 +200,7 @@ def test_sigkilled_training_resumes_bit_identical(feature_data, tmp_path):
     assert [s for s, _ in RunDir(run).checkpoints()] == [steps - 5, steps]
     # the optimizer and schedule states match too, so training could go on identically
     a = json.loads((run / "checkpoints" / f"step-{steps:06d}" / "trainer_state" / "state.json").read_text())
-    b = json.loads((tmp_path / "full" / "checkpoints" / f"step-{steps:06d}" / "trainer_state" / "state.json").read_text())
+    b = json.loads(
+        (tmp_path / "full" / "checkpoints" / f"step-{steps:06d}" / "trainer_state" / "state.json").read_text()
+    )
     assert a["scheduler"] == b["scheduler"] and a["step"] == b["step"] == steps

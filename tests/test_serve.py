@@ -1,5 +1,6 @@
 """`diffcap serve`: the HTTP API against tiny trained runs (captions equal CaptionPipeline's, the
 trajectory, a text-conditioned run, bad input, limits, batching), and the batching queue on its own."""
+
 from __future__ import annotations
 
 import threading
@@ -42,12 +43,16 @@ def pipeline_pixels(pixels: np.ndarray) -> torch.Tensor:
 
 
 def test_caption_equals_the_pipeline_and_trajectory_has_every_step(client, image_run):
-    r = client.post("/api/caption", files={"image": ("scene.png", png_bytes(SCENE), "image/png")},
-                    data={"seed": "7", "steps": "4", "guidance_scale": "1.5", "samples": "2", "trajectory": "true"})
+    r = client.post(
+        "/api/caption",
+        files={"image": ("scene.png", png_bytes(SCENE), "image/png")},
+        data={"seed": "7", "steps": "4", "guidance_scale": "1.5", "samples": "2", "trajectory": "true"},
+    )
     assert r.status_code == 200, r.text
     body = r.json()
-    expected = CaptionPipeline.from_pretrained(image_run)(pipeline_pixels(SCENE), seed=7, steps=4,
-                                                          guidance_scale=1.5, mbr=2, trajectory=True)
+    expected = CaptionPipeline.from_pretrained(image_run)(
+        pipeline_pixels(SCENE), seed=7, steps=4, guidance_scale=1.5, mbr=2, trajectory=True
+    )
     assert body["caption"] == expected.texts[0]
     assert body["steps"] == 4 and body["seconds"] > 0
     assert len(body["trajectory"]) == 4
@@ -185,8 +190,12 @@ def test_autoregressive_run_takes_no_diffusion_settings(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ text runs
 
-SENTENCES = ["a dog runs on the grass", "two children play in the snow", "a man rides a red bike",
-             "a black cat sleeps on a sofa"]
+SENTENCES = [
+    "a dog runs on the grass",
+    "two children play in the snow",
+    "a man rides a red bike",
+    "a black cat sleeps on a sofa",
+]
 
 
 @pytest.fixture(scope="module")
@@ -206,12 +215,19 @@ def text_run(tmp_path_factory):
     vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<bos>", "<eos>", *words])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>",
-                            eos_token="<eos>").save_pretrained(clip)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>", eos_token="<eos>"
+    ).save_pretrained(clip)
     torch.manual_seed(0)
     tower = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 4}
-    text_config = {**tower, "vocab_size": len(vocab), "max_position_embeddings": 16, "pad_token_id": 0,
-                   "bos_token_id": 2, "eos_token_id": 3}
+    text_config = {
+        **tower,
+        "vocab_size": len(vocab),
+        "max_position_embeddings": 16,
+        "pad_token_id": 0,
+        "bos_token_id": 2,
+        "eos_token_id": 3,
+    }
     vision_config = {**tower, "image_size": 32, "patch_size": 8}
     CLIPModel(CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=16)).save_pretrained(clip)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(clip)
@@ -221,10 +237,24 @@ def text_run(tmp_path_factory):
     records = [CaptionRecord(f"img{i}", s, split) for split in ("train", "val") for i, s in enumerate(SENTENCES)]
     write_captions(records, data / "captions.jsonl")
     vectors = TextEncoder(str(clip), device="cpu")(SENTENCES)
-    write_features(data / "features.safetensors", {f"img{i}": v.clone() for i, v in enumerate(vectors)},
-                   {"encoder": str(clip), "kind": "clip-text", "output": "pooled"})
-    assert main(["train", "--out", str(root / "run"), f"data.captions={data / 'captions.jsonl'}",
-                 f"data.features={data / 'features.safetensors'}", *TINY_MODEL]) == 0
+    write_features(
+        data / "features.safetensors",
+        {f"img{i}": v.clone() for i, v in enumerate(vectors)},
+        {"encoder": str(clip), "kind": "clip-text", "output": "pooled"},
+    )
+    assert (
+        main(
+            [
+                "train",
+                "--out",
+                str(root / "run"),
+                f"data.captions={data / 'captions.jsonl'}",
+                f"data.features={data / 'features.safetensors'}",
+                *TINY_MODEL,
+            ]
+        )
+        == 0
+    )
     return root / "run", clip
 
 

@@ -5,6 +5,7 @@ The page is driven as a person would: upload a demo test scene, read the caption
 CaptionPipeline's), step through and play the trajectory, click one of the run's example scenes, upload
 a text file and read the error.
 A screenshot is saved as a test artifact (DIFFCAP_TEST_ARTIFACTS, else the test's tmp folder)."""
+
 from __future__ import annotations
 
 import os
@@ -20,10 +21,10 @@ if CHROMIUM is None:
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')")
 pytest.importorskip("gradio", reason="the serve extra is not installed (pip install -e '.[serve]')")
 
-from serve_helpers import free_port, start_server, stop_server, train_demo_run
+from serve_helpers import free_port, start_server, stop_server, train_demo_run  # noqa: E402 (after the skips above)
 
-from diffcap.data.contract import read_captions
-from diffcap.pipeline import CaptionPipeline
+from diffcap.data.contract import read_captions  # noqa: E402
+from diffcap.pipeline import CaptionPipeline  # noqa: E402
 
 TIMEOUT_MS = 60_000
 
@@ -90,8 +91,9 @@ def test_page_captions_an_upload_steps_the_trajectory_and_shows_errors(served, t
             _, second = demo_test_scene(run, tmp_path, k=1)
             shown = page.locator("#preview img").get_attribute("src")
             page.locator("#examples button.thumbnail-item").nth(1).click()
-            page.wait_for_function("src => document.querySelector('#preview img').getAttribute('src') !== src",
-                                   arg=shown)  # the page has captioned the example
+            page.wait_for_function(
+                "src => document.querySelector('#preview img').getAttribute('src') !== src", arg=shown
+            )  # the page has captioned the example
             sync_api.expect(caption).to_have_value(CaptionPipeline.from_pretrained(run)(second).texts[0])
 
             page.locator("#upload button[aria-label=Clear]").click()  # the field holds one file

@@ -1,4 +1,5 @@
 """Experiment configs load; a tiny two-point sweep runs, survives a stop, resumes and writes its table."""
+
 from __future__ import annotations
 
 import csv
@@ -6,13 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import make_feature_data
 
 import diffcap.experiments.sweep as sweep_mod
 from diffcap.config import Config, ConfigError
 from diffcap.experiments.sweep import load_sweep, run_sweep
 from diffcap.training import Trainer
-
-from conftest import make_feature_data
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -20,10 +20,24 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 def test_configs_exist_for_the_seed_experiments():
     names = {p.stem for p in CONFIGS}
-    for needed in ("objective_x0", "objective_xtk30", "objective_eps", "rounding_weight_0.05", "guidance_off",
-                   "guidance_free", "frozen_embeddings", "emb_dim_16", "time_embedding_off", "loss_mse",
-                   "schedule_cosine", "schedule_linear", "timesteps_per_caption_3", "fusion_add", "seed_best",
-                   "diffcap_best"):
+    for needed in (
+        "objective_x0",
+        "objective_xtk30",
+        "objective_eps",
+        "rounding_weight_0.05",
+        "guidance_off",
+        "guidance_free",
+        "frozen_embeddings",
+        "emb_dim_16",
+        "time_embedding_off",
+        "loss_mse",
+        "schedule_cosine",
+        "schedule_linear",
+        "timesteps_per_caption_3",
+        "fusion_add",
+        "seed_best",
+        "diffcap_best",
+    ):
         assert needed in names
 
 
@@ -48,8 +62,13 @@ def test_seed_experiments_sweep_file_validates(tmp_path):
     used = {v.config.stem for v in sweep.variants if v.config}
     # every experiment config except the debug / duplicate-of-baseline ones (and diffcap_best_distilled,
     # which needs a distilled captions file) is in the sweep
-    assert {p.stem for p in CONFIGS} - used <= {"overfit_single_samples", "schedule_sqrt", "fusion_concat",
-                                                  "sampling_steps_200", "diffcap_best_distilled"}
+    assert {p.stem for p in CONFIGS} - used <= {
+        "overfit_single_samples",
+        "schedule_sqrt",
+        "fusion_concat",
+        "sampling_steps_200",
+        "diffcap_best_distilled",
+    }
 
 
 def test_issue4_sweep_file_validates(tmp_path):
@@ -64,8 +83,11 @@ def test_distillation_sweep_file_validates(tmp_path):
 
     sweep = load_sweep(ROOT / "sweeps" / "distillation.yaml", data=tmp_path)
     captions = {v.name: Path(variant_config(sweep, v).data.captions).name for v in sweep.variants}
-    assert captions == {"references": "captions.jsonl", "distilled": "captions_distilled.jsonl",
-                        "distilled_and_references": "captions_distilled_and_references.jsonl"}
+    assert captions == {
+        "references": "captions.jsonl",
+        "distilled": "captions_distilled.jsonl",
+        "distilled_and_references": "captions_distilled_and_references.jsonl",
+    }
 
 
 SWEEP = """
@@ -89,8 +111,9 @@ def test_two_point_sweep_stops_resumes_and_writes_its_table(tmp_path, monkeypatc
     path.write_text(SWEEP)
     trained = []
     real_train = Trainer.train
-    monkeypatch.setattr(Trainer, "train", lambda self, resume=True: trained.append(self.out_dir.name)
-                        or real_train(self, resume=resume))
+    monkeypatch.setattr(
+        Trainer, "train", lambda self, resume=True: trained.append(self.out_dir.name) or real_train(self, resume=resume)
+    )
     real_eval = sweep_mod._evaluate
 
     def stop_at_second(sweep, variant, run_dir, record):
@@ -113,8 +136,12 @@ def test_two_point_sweep_stops_resumes_and_writes_its_table(tmp_path, monkeypatc
     rows = run_sweep(path)
     assert trained == ["diffusion.loss=l1", "diffusion.loss=mse"]  # nothing trained again
     assert (out / "diffusion.loss=l1" / "result.json").read_text() == first  # finished run skipped
-    assert [(r["name"], r["steps"]) for r in rows] == [("diffusion.loss=l1", 2), ("diffusion.loss=l1", 3),
-                                                        ("diffusion.loss=mse", 2), ("diffusion.loss=mse", 3)]
+    assert [(r["name"], r["steps"]) for r in rows] == [
+        ("diffusion.loss=l1", 2),
+        ("diffusion.loss=l1", 3),
+        ("diffusion.loss=mse", 2),
+        ("diffusion.loss=mse", 3),
+    ]
     with open(out / "results.csv") as f:
         table = list(csv.DictReader(f))
     assert len(table) == 4 and all(float(r["captions_per_s"]) > 0 and r["CIDEr"] != "" for r in table)
@@ -137,8 +164,11 @@ def test_sweep_errors_name_the_file(tmp_path):
 def test_a_variant_resumed_mid_training_is_marked_resumed(tmp_path, monkeypatch):
     make_feature_data(tmp_path / "data")
     path = tmp_path / "sweep.yaml"
-    path.write_text(SWEEP.replace("grid:\n  diffusion.loss: [l1, mse]\n", "variants: [{name: a}]\n")
-                    .replace("sampling_steps: [2, 3]", "sampling_steps: [2]"))
+    path.write_text(
+        SWEEP.replace("grid:\n  diffusion.loss: [l1, mse]\n", "variants: [{name: a}]\n").replace(
+            "sampling_steps: [2, 3]", "sampling_steps: [2]"
+        )
+    )
     real_save = Trainer.save
 
     def stopped_after_step_2(self):

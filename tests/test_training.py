@@ -1,18 +1,18 @@
 """Training end to end on tiny data: overfitting, run-directory round trips, resume, pretrained parts."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
+from conftest import CAPTIONS, small_config
 from safetensors.torch import load_file
 
 from diffcap.data.contract import FeatureStore
 from diffcap.pipeline import CaptionPipeline
 from diffcap.training import Trainer
 from diffcap.training.trainer import lr_lambda
-
-from conftest import CAPTIONS, small_config
 
 
 def _features(data_dir, ids):
@@ -122,12 +122,24 @@ def test_lr_warmup_then_linear_decay_to_final():
     assert g(60) == pytest.approx(0.75) and g(110) == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("overrides", [
-    {"diffusion.objective": "eps", "diffusion.loss": "mse", "model.fusion": "add", "diffusion.schedule": "linear"},
-    {"diffusion.objective": "xtk", "model.time_embedding": False, "model.self_condition": False,
-     "diffusion.timestep_sampler": "loss_aware", "diffusion.restore_weight": 1.0, "diffusion.schedule": "cosine",
-     "diffusion.cond_dropout": 0.5, "sampler.guidance_scale": 2.0, "sampler.method": "ddpm", "sampler.mbr": 3},
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"diffusion.objective": "eps", "diffusion.loss": "mse", "model.fusion": "add", "diffusion.schedule": "linear"},
+        {
+            "diffusion.objective": "xtk",
+            "model.time_embedding": False,
+            "model.self_condition": False,
+            "diffusion.timestep_sampler": "loss_aware",
+            "diffusion.restore_weight": 1.0,
+            "diffusion.schedule": "cosine",
+            "diffusion.cond_dropout": 0.5,
+            "sampler.guidance_scale": 2.0,
+            "sampler.method": "ddpm",
+            "sampler.mbr": 3,
+        },
+    ],
+)
 def test_every_setting_trains_and_samples(feature_data, tmp_path, overrides):
     from diffcap.config import apply_override
 
@@ -146,7 +158,9 @@ def test_pretrained_backbone_and_frozen_embeddings_rebuild_offline(feature_data,
     from transformers import AutoTokenizer, DistilBertConfig, DistilBertModel
 
     tiny = tmp_path / "tiny-distilbert"
-    DistilBertModel(DistilBertConfig(vocab_size=30522, dim=32, n_layers=1, n_heads=2, hidden_dim=64)).save_pretrained(tiny)
+    DistilBertModel(DistilBertConfig(vocab_size=30522, dim=32, n_layers=1, n_heads=2, hidden_dim=64)).save_pretrained(
+        tiny
+    )
     AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(tiny)
     cfg = small_config(feature_data, steps=3)
     cfg.text.tokenizer = cfg.model.backbone = cfg.model.embedding = str(tiny)

@@ -1,4 +1,5 @@
 """``python -m diffcap`` is the ``diffcap`` command (also what ``accelerate launch -m diffcap`` runs)."""
+
 import sys
 
 from .cli import main

@@ -1,4 +1,5 @@
 """A result reused while the tensors it was computed from are unchanged (sampling's hot path)."""
+
 from __future__ import annotations
 
 import torch

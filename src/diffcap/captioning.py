@@ -1,4 +1,5 @@
 """Captioning image files with a trained run: the run's own image encoder, then its pipeline."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,8 +11,9 @@ from .data.images import load_image
 from .pipeline import CaptionPipeline
 
 
-def caption_images(paths: list[str], run_dir: str | Path, *, device: str = "cpu",
-                   seed: int | None = None, batch_size: int = 64) -> list[tuple[str, str]]:
+def caption_images(
+    paths: list[str], run_dir: str | Path, *, device: str = "cpu", seed: int | None = None, batch_size: int = 64
+) -> list[tuple[str, str]]:
     """Caption image files: the run's image encoder (the demo's CNN, or the frozen CLIP the run's
     features came from), then its sampler. Every unreadable file is an error that names it."""
     pipe = CaptionPipeline.from_pretrained(run_dir, device=device)
@@ -23,8 +25,10 @@ def caption_images(paths: list[str], run_dir: str | Path, *, device: str = "cpu"
     data = pipe.cfg.data
     if data.encoder_kind not in ("clip-image", "clip-text") or not data.encoder:
         kind = f"{data.encoder_kind} features from {data.encoder}" if data.encoder else "features of unknown origin"
-        raise ValueError(f"{run_dir}: this run was trained on {kind}, so it cannot encode images; "
-                         "extract features for the images and use `diffcap sample`")
+        raise ValueError(
+            f"{run_dir}: this run was trained on {kind}, so it cannot encode images; "
+            "extract features for the images and use `diffcap sample`"
+        )
     from .data.encoders import ClipImageEncoder
 
     # A clip-text run (CapDec) captions images with the image tower of the same CLIP: the two towers
@@ -35,7 +39,7 @@ def caption_images(paths: list[str], run_dir: str | Path, *, device: str = "cpu"
     encoder = ClipImageEncoder(data.encoder, device=device, patch_tokens=patches)
     texts: list[str] = []
     for start in range(0, len(paths), batch_size):
-        images = [load_image(p) for p in paths[start:start + batch_size]]
+        images = [load_image(p) for p in paths[start : start + batch_size]]
         features = encoder.encode_images(images)["patches" if patches else "pooled"]
         texts += pipe(features, seed=seed).texts
     return list(zip(paths, texts))

@@ -1,4 +1,5 @@
 """The `diffcap` command: each subcommand parses its arguments and calls one function."""
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,9 @@ def cmd_eval(args) -> None:
 
     captions, features = _data_files(args.data)
     out = Path(args.out) if args.out else Path(args.run) / f"eval-{args.split}"
-    metrics = evaluate_run(args.run, captions, features, args.split, out, device=args.device,
-                           **_sampler_overrides(args))
+    metrics = evaluate_run(
+        args.run, captions, features, args.split, out, device=args.device, **_sampler_overrides(args)
+    )
     print(json.dumps(metrics, indent=2))
 
 
@@ -88,22 +90,46 @@ def cmd_prepare(args) -> None:
         root = fetch_from_hub(args.from_hub, root or Path(args.out) / "hub", progress=not args.no_progress)
     elif root is None:
         raise ValueError("--root is required (the folder that holds the data set)")
-    summary = prepare(args.layout, root, args.out, encoder=args.encoder, captions=args.captions,
-                      condition=args.condition, text_encoder=args.text_encoder,
-                      condition_caption=args.condition_caption, patch_tokens=args.patch_tokens,
-                      batch_size=args.batch_size, shard_size=args.shard_size, device=args.device, dtype=args.dtype,
-                      workers=4 if args.workers is None and args.condition == "image" else args.workers, skip_bad=args.skip_bad, progress=not args.no_progress)
+    summary = prepare(
+        args.layout,
+        root,
+        args.out,
+        encoder=args.encoder,
+        captions=args.captions,
+        condition=args.condition,
+        text_encoder=args.text_encoder,
+        condition_caption=args.condition_caption,
+        patch_tokens=args.patch_tokens,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        device=args.device,
+        dtype=args.dtype,
+        workers=4 if args.workers is None and args.condition == "image" else args.workers,
+        skip_bad=args.skip_bad,
+        progress=not args.no_progress,
+    )
     print(json.dumps(summary, indent=2))
 
 
 def cmd_train_guidance(args) -> None:
     from .training.guidance import train_guidance
 
-    record = train_guidance(args.run, kind=args.kind, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                            out=args.name, seed=args.seed, d_model=args.d_model, n_layers=args.n_layers)
+    record = train_guidance(
+        args.run,
+        kind=args.kind,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        out=args.name,
+        seed=args.seed,
+        d_model=args.d_model,
+        n_layers=args.n_layers,
+    )
     print(json.dumps(record, indent=2))
-    print(f"wrote {Path(args.run) / args.name}; sample with sampler.classifier_scale>0 "
-          f"(diffcap sample/eval --classifier-scale S --classifier-path {args.name})")
+    print(
+        f"wrote {Path(args.run) / args.name}; sample with sampler.classifier_scale>0 "
+        f"(diffcap sample/eval --classifier-scale S --classifier-path {args.name})"
+    )
 
 
 def cmd_distill(args) -> None:
@@ -111,9 +137,17 @@ def cmd_distill(args) -> None:
 
     captions, features = _data_files(args.data)
     overrides = {"beam_size": args.beam} if args.beam else {}
-    summary = distill_captions(args.teacher, captions, features, args.out, split=args.split,
-                               keep_references=args.keep_references, batch_size=args.batch_size,
-                               device=args.device, **overrides)
+    summary = distill_captions(
+        args.teacher,
+        captions,
+        features,
+        args.out,
+        split=args.split,
+        keep_references=args.keep_references,
+        batch_size=args.batch_size,
+        device=args.device,
+        **overrides,
+    )
     print(json.dumps(summary, indent=2))
     print(f"train on it with data.captions={args.out} data.features={features}")
 
@@ -129,8 +163,11 @@ def _sampler_overrides(args) -> dict:
     """The sampler settings given on the command line (the run's own settings hold for the rest)."""
     from .config import SamplerConfig
 
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplerConfig)
-            if getattr(args, f.name, None) is not None}
+    return {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(SamplerConfig)
+        if getattr(args, f.name, None) is not None
+    }
 
 
 def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
@@ -188,9 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="data directory to write")
     p.add_argument("--encoder", default="openai/clip-vit-base-patch32", help="CLIP model id or local path")
     p.add_argument("--captions", help="folder layout: the captions file (default ROOT/captions.jsonl|csv)")
-    p.add_argument("--patch-tokens", action="store_true", help="also write the patch grid to patch_features.safetensors")
-    p.add_argument("--condition", choices=["image", "text"], default="image",
-                   help="text: encode caption #k instead of the image (CapDec-style text-only training)")
+    p.add_argument(
+        "--patch-tokens", action="store_true", help="also write the patch grid to patch_features.safetensors"
+    )
+    p.add_argument(
+        "--condition",
+        choices=["image", "text"],
+        default="image",
+        help="text: encode caption #k instead of the image (CapDec-style text-only training)",
+    )
     p.add_argument("--text-encoder", help="CLIP (text tower) or sentence-transformers folder (default --encoder)")
     p.add_argument("--condition-caption", type=int, default=0, help="k: caption #k is the condition, not a target")
     p.add_argument("--batch-size", type=int, default=64)
@@ -205,8 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-guidance", help="train a classifier-guidance model for a diffusion run")
     p.add_argument("--run", required=True, help="trained diffusion run directory (its data files are reused)")
-    p.add_argument("--kind", choices=["linear", "transformer"], default="linear",
-                   help="linear per position, or a small transformer (the seed's two plans)")
+    p.add_argument(
+        "--kind",
+        choices=["linear", "transformer"],
+        default="linear",
+        help="linear per position, or a small transformer (the seed's two plans)",
+    )
     p.add_argument("--name", default="guidance", help="folder inside the run to write (default guidance)")
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=64)
@@ -228,7 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("sweep", help="run a grid of configs on one data set and tabulate the results")
-    p.add_argument("sweep", help="SWEEP.yaml: base config, data set, variants, sampling steps (see docs/experiments.md)")
+    p.add_argument(
+        "sweep", help="SWEEP.yaml: base config, data set, variants, sampling steps (see docs/experiments.md)"
+    )
     p.add_argument("--out", help="output folder (default: the sweep file's 'out', else runs/<sweep name>)")
     p.add_argument("--data", help="data folder (default: the sweep file's 'data')")
     p.add_argument("--only", nargs="*", help="run only these variant names")

@@ -6,6 +6,7 @@ returns a new Config. Nothing else writes into a config. The resolved config is 
 ``config.json`` in the run directory, and everything needed to rebuild the model and sampler is
 derived from it (see :mod:`diffcap.pipeline`).
 """
+
 from __future__ import annotations
 
 import copy
@@ -317,7 +318,9 @@ def validate(cfg: Config) -> None:
     if not 0 <= cfg.diffusion.unroll_prob <= 1:
         raise ConfigError(f"diffusion.unroll_prob must be in [0, 1], got {cfg.diffusion.unroll_prob}")
     if cfg.diffusion.unroll_prob > 0 and cfg.diffusion.objective != "x0":
-        raise ConfigError("diffusion.unroll_prob trains on the model's own x0 estimates: it needs diffusion.objective=x0")
+        raise ConfigError(
+            "diffusion.unroll_prob trains on the model's own x0 estimates: it needs diffusion.objective=x0"
+        )
     if cfg.model.score_interpolation and cfg.diffusion.objective != "x0":
         raise ConfigError("model.score_interpolation predicts x0 from logits: it needs diffusion.objective=x0")
     if cfg.diffusion.timesteps_per_caption < 1:
@@ -354,8 +357,10 @@ def resolve(cfg: Config, data: FeatureSpec, tokenizer: CaptionTokenizer) -> Conf
         if m.embedding != "learned":
             table = AutoConfig.from_pretrained(m.embedding)
             if table.vocab_size != tokenizer.vocab_size:
-                raise ConfigError(f"model.embedding={m.embedding!r} has {table.vocab_size} rows but the tokenizer has "
-                                  f"{tokenizer.vocab_size} tokens: use the same checkpoint for text.tokenizer")
+                raise ConfigError(
+                    f"model.embedding={m.embedding!r} has {table.vocab_size} rows but the tokenizer has "
+                    f"{tokenizer.vocab_size} tokens: use the same checkpoint for text.tokenizer"
+                )
             m.emb_dim = getattr(table, "embedding_size", None) or table.hidden_size
         if m.backbone:
             m.d_model = AutoConfig.from_pretrained(m.backbone).hidden_size
@@ -368,8 +373,10 @@ def condition_shape_of(m: ModelConfig, data: FeatureSpec) -> tuple[int, int]:
     shape = data.item_shape
     if m.image_encoder:
         if not data.is_pixels:
-            raise ConfigError(f"model.image_encoder={m.image_encoder!r} needs raw pixel items; "
-                              f"{data.path} holds {shape} {data.dtype} features")
+            raise ConfigError(
+                f"model.image_encoder={m.image_encoder!r} needs raw pixel items; "
+                f"{data.path} holds {shape} {data.dtype} features"
+            )
         return CNN_TOKENS, CNN_WIDTH
     if data.is_pixels:
         raise ConfigError(f"{data.path} holds raw images {shape}: set model.image_encoder=cnn")

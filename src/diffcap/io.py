@@ -1,4 +1,5 @@
 """Crash-safe file writing: a reader sees the old file or the new one, never half of one."""
+
 from __future__ import annotations
 
 import json
@@ -114,7 +115,7 @@ def _renamed_aside(p: Path) -> Path | None:
     """The folder that ``.NAME.<hex>.old.tmp`` was renamed aside from (``NAME``), else None."""
     if not p.name.endswith(OLD_SUFFIX) or not p.name.startswith("."):
         return None
-    name, _, _ = p.name[1:-len(OLD_SUFFIX)].rpartition(".")
+    name, _, _ = p.name[1 : -len(OLD_SUFFIX)].rpartition(".")
     return p.with_name(name) if name else None
 
 

@@ -1,4 +1,5 @@
 """CaptionPipeline: features (or images) in, captions out, rebuilt from a run directory."""
+
 from __future__ import annotations
 
 import copy
@@ -24,8 +25,7 @@ class Captions:
 
 
 class CaptionPipeline:
-    def __init__(self, cfg: Config, model: Captioner, tokenizer: CaptionTokenizer,
-                 device: str | torch.device = "cpu"):
+    def __init__(self, cfg: Config, model: Captioner, tokenizer: CaptionTokenizer, device: str | torch.device = "cpu"):
         self.cfg, self.tokenizer = cfg, tokenizer
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
@@ -39,8 +39,10 @@ class CaptionPipeline:
             from .training.guidance import load_guidance
 
             if self.run_dir is None:
-                raise ValueError("classifier guidance needs a pipeline loaded from a run directory "
-                                 "(or a model in pipeline.classifiers)")
+                raise ValueError(
+                    "classifier guidance needs a pipeline loaded from a run directory "
+                    "(or a model in pipeline.classifiers)"
+                )
             self.classifiers[path] = load_guidance(self.run_dir / path, self.device)
         return self.classifiers[path]
 
@@ -62,8 +64,15 @@ class CaptionPipeline:
             raise ValueError(f"{source}: items have shape {shape} but this run was trained on {self.feature_shape}")
 
     @torch.no_grad()
-    def __call__(self, features: torch.Tensor, *, seed: int | None = None, batch_size: int = 64,
-                 trajectory: bool = False, **sampler_overrides) -> Captions:
+    def __call__(
+        self,
+        features: torch.Tensor,
+        *,
+        seed: int | None = None,
+        batch_size: int = 64,
+        trajectory: bool = False,
+        **sampler_overrides,
+    ) -> Captions:
         """Caption a batch of features [N x ...]. ``sampler_overrides`` (steps=, method=, guidance_scale=,
         classifier_scale=, clamp=, mbr=, beam_size=, precision=, ...) change the run's sampler settings
         for this call only; one the model does not use (steps= for an autoregressive run) is an error."""
@@ -76,8 +85,13 @@ class CaptionPipeline:
         trajs: list[list[tuple[int, str]]] = []
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=sampler_cfg.precision == "bf16"):
             for start in range(0, len(features), batch_size):
-                out = model.generate(features[start:start + batch_size].to(self.device), sampler_cfg,
-                                     generator=generator, trajectory=trajectory, classifier=classifier)
+                out = model.generate(
+                    features[start : start + batch_size].to(self.device),
+                    sampler_cfg,
+                    generator=generator,
+                    trajectory=trajectory,
+                    classifier=classifier,
+                )
                 texts += self.tokenizer.decode(out.ids.cpu())
                 steps = [(t, self.tokenizer.decode_tokens(ids)) for t, ids in out.trajectory]
                 for i in range(out.ids.shape[0] if trajectory else 0):
@@ -95,8 +109,10 @@ class CaptionPipeline:
         except TypeError as exc:
             raise ConfigError(f"unknown sampler setting in {sorted(overrides)}: {exc}") from exc
         if unused := sorted(set(overrides) - self.model.sampler_fields):
-            raise ConfigError(f"sampler.{', sampler.'.join(unused)} does not apply to {type(self.model).__name__} "
-                              f"(it reads {sorted(self.model.sampler_fields)}); leave it out")
+            raise ConfigError(
+                f"sampler.{', sampler.'.join(unused)} does not apply to {type(self.model).__name__} "
+                f"(it reads {sorted(self.model.sampler_fields)}); leave it out"
+            )
         validate_sampler(sampler_cfg, self.cfg.diffusion.num_timesteps)
         return sampler_cfg
 

@@ -168,10 +168,7 @@ def write_captions(records: Iterable[CaptionRecord], path: PathLike) -> None:
     """Write captions atomically as JSONL or CSV, chosen by the file extension."""
     path = Path(path)
     fmt = _caption_format(path)
-    checked = [
-        _make_record(f"{path}: record {i}", r.image_id, r.caption, r.split)
-        for i, r in enumerate(records)
-    ]
+    checked = [_make_record(f"{path}: record {i}", r.image_id, r.caption, r.split) for i, r in enumerate(records)]
     with atomic_output(path) as tmp, tmp.open("w", encoding="utf-8", newline="") as f:
         if fmt == "jsonl":
             for record in checked:
@@ -216,9 +213,7 @@ def _without_aliasing(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     """
     out = dict(tensors)
     covered_until = -1
-    spans = sorted(
-        (t.data_ptr(), t.data_ptr() + t.nbytes, key) for key, t in tensors.items() if t.nbytes
-    )
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.nbytes, key) for key, t in tensors.items() if t.nbytes)
     for start, stop, key in spans:
         if start < covered_until:
             out[key] = tensors[key].clone()
@@ -249,9 +244,7 @@ def write_features(
         if not isinstance(image_id, str) or not image_id:
             raise DataError(f"{path}: image ids must be non-empty strings, got {image_id!r}")
         if not isinstance(value, torch.Tensor):
-            raise DataError(
-                f"{path}: feature for {image_id!r} is a {type(value).__name__}, not a torch.Tensor"
-            )
+            raise DataError(f"{path}: feature for {image_id!r} is a {type(value).__name__}, not a torch.Tensor")
         tensors[image_id] = value.detach().cpu().contiguous()
     if (problem := _first_mismatch(tensors)) is not None:
         raise DataError(f"{path}: {problem}")
@@ -303,9 +296,7 @@ class FeatureStore:
                 metadata = dict(f.metadata() or {})
                 items = {key: f.get_tensor(key) for key in f.keys()}
         except (SafetensorError, OSError) as exc:
-            raise DataError(
-                f"{path}: not a readable safetensors file, possibly truncated or corrupt ({exc})"
-            ) from exc
+            raise DataError(f"{path}: not a readable safetensors file, possibly truncated or corrupt ({exc})") from exc
         if not items:
             raise DataError(f"{path}: contains no features")
         if (problem := _first_mismatch(items)) is not None:
@@ -330,10 +321,7 @@ class FeatureStore:
         return image_id in self._items
 
     def __repr__(self) -> str:
-        return (
-            f"FeatureStore({str(self.path)!r}, n={len(self)}, "
-            f"item_shape={self.item_shape}, dtype={self.dtype})"
-        )
+        return f"FeatureStore({str(self.path)!r}, n={len(self)}, item_shape={self.item_shape}, dtype={self.dtype})"
 
     def get(self, ids: list[str]) -> torch.Tensor:
         """Stack the features of ``ids`` into a tensor of shape ``(len(ids), *item_shape)``."""
@@ -355,6 +343,4 @@ def check_ids(records: Iterable[CaptionRecord], store: FeatureStore, captions_pa
     """Raise DataError if any captioned image has no features in ``store``."""
     missing = list(dict.fromkeys(r.image_id for r in records if r.image_id not in store))
     if missing:
-        raise DataError(
-            f"{captions_path}: {describe_ids(missing)} have captions but no features in {store.path}"
-        )
+        raise DataError(f"{captions_path}: {describe_ids(missing)} have captions but no features in {store.path}")

@@ -1,4 +1,5 @@
 """Caption/feature pairs for training and per-image references for evaluation, from the data contract."""
+
 from __future__ import annotations
 
 import logging
@@ -31,12 +32,23 @@ class SplitData:
         images = sorted(set(keep.tolist()))
         remap = {old: new for new, old in enumerate(images)}
         ids = [self.image_ids[i] for i in images]
-        return SplitData(self.name, ids, self.features[images], {i: self.references[i] for i in ids},
-                         self.caption_ids[:n], torch.tensor([remap[i] for i in keep.tolist()]))
+        return SplitData(
+            self.name,
+            ids,
+            self.features[images],
+            {i: self.references[i] for i in ids},
+            self.caption_ids[:n],
+            torch.tensor([remap[i] for i in keep.tolist()]),
+        )
 
 
-def load_split(records: list[CaptionRecord], store: FeatureStore, tokenizer: CaptionTokenizer, split: str,
-               captions_path: str | Path = "captions") -> SplitData:
+def load_split(
+    records: list[CaptionRecord],
+    store: FeatureStore,
+    tokenizer: CaptionTokenizer,
+    split: str,
+    captions_path: str | Path = "captions",
+) -> SplitData:
     rows = [r for r in records if r.split == split]
     if not rows:
         found = sorted({r.split for r in records})
@@ -44,8 +56,7 @@ def load_split(records: list[CaptionRecord], store: FeatureStore, tokenizer: Cap
     image_ids = list(dict.fromkeys(r.image_id for r in rows))
     missing = [i for i in image_ids if i not in store]
     if missing:
-        raise DataError(f"{store.path}: no features for {len(missing)} image(s) of {captions_path}, "
-                        f"e.g. {missing[:5]}")
+        raise DataError(f"{store.path}: no features for {len(missing)} image(s) of {captions_path}, e.g. {missing[:5]}")
     index = {image_id: i for i, image_id in enumerate(image_ids)}
     references: dict[str, list[str]] = {i: [] for i in image_ids}
     for r in rows:
@@ -57,16 +68,28 @@ def load_split(records: list[CaptionRecord], store: FeatureStore, tokenizer: Cap
     empty = [r for r, n in zip(rows, lengths) if n == 0]
     if empty:
         shown = ", ".join(f"{r.image_id!r} ({r.caption!r})" for r in empty[:5])
-        raise DataError(f"{captions_path}: {len(empty)} {split} caption(s) have no tokens (all PAD), "
-                        f"for image(s) {shown}{' and more' if len(empty) > 5 else ''}")
+        raise DataError(
+            f"{captions_path}: {len(empty)} {split} caption(s) have no tokens (all PAD), "
+            f"for image(s) {shown}{' and more' if len(empty) > 5 else ''}"
+        )
     long_rows = [r for r, n in zip(rows, lengths) if n > tokenizer.max_length]
     if long_rows:
-        log.warning("%s: %d of %d %s captions are longer than max_length=%d tokens and were truncated "
-                    "(e.g. for image(s) %s)", captions_path, len(long_rows), len(rows), split,
-                    tokenizer.max_length, ", ".join(repr(r.image_id) for r in long_rows[:5]))
+        log.warning(
+            "%s: %d of %d %s captions are longer than max_length=%d tokens and were truncated (e.g. for image(s) %s)",
+            captions_path,
+            len(long_rows),
+            len(rows),
+            split,
+            tokenizer.max_length,
+            ", ".join(repr(r.image_id) for r in long_rows[:5]),
+        )
     return SplitData(
-        name=split, image_ids=image_ids, features=store.get(image_ids), references=references,
-        caption_ids=tokenizer.encode(captions), caption_image=torch.tensor([index[r.image_id] for r in rows]),
+        name=split,
+        image_ids=image_ids,
+        features=store.get(image_ids),
+        references=references,
+        caption_ids=tokenizer.encode(captions),
+        caption_image=torch.tensor([index[r.image_id] for r in rows]),
     )
 
 

@@ -13,6 +13,7 @@ The feature files' metadata records ``encoder`` (hub id or absolute path), ``kin
 :data:`ENCODER_KINDS`) and ``output`` (``pooled`` or ``patches``), so a run trained on them knows how
 to encode new images (see :func:`diffcap.pipeline.caption_images`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -96,8 +97,10 @@ def _tower_config(model_id: str, tower: str):
 
 
 def _load_failed(model_id: str, what: str, exc: Exception) -> ValueError:
-    return ValueError(f"{model_id}: cannot load {what} ({type(exc).__name__}: {exc}); pass a CLIP model id "
-                      "or a local folder saved with save_pretrained (offline: a local folder)")
+    return ValueError(
+        f"{model_id}: cannot load {what} ({type(exc).__name__}: {exc}); pass a CLIP model id "
+        "or a local folder saved with save_pretrained (offline: a local folder)"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ images
@@ -111,8 +114,14 @@ class ClipImageEncoder:
     the final layer norm (the one the pooled token goes through), [B x N x H].
     """
 
-    def __init__(self, model_id: str = DEFAULT_ENCODER, *, device: str | torch.device = "auto",
-                 dtype: str = "auto", patch_tokens: bool = False):
+    def __init__(
+        self,
+        model_id: str = DEFAULT_ENCODER,
+        *,
+        device: str | torch.device = "auto",
+        dtype: str = "auto",
+        patch_tokens: bool = False,
+    ):
         from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
         self.model_id = resolve_encoder(model_id)
@@ -123,7 +132,8 @@ class ClipImageEncoder:
             with _quiet_transformers():
                 self.processor = CLIPImageProcessor.from_pretrained(self.model_id)
                 self.model = CLIPVisionModelWithProjection.from_pretrained(
-                    self.model_id, config=_tower_config(self.model_id, "vision"))
+                    self.model_id, config=_tower_config(self.model_id, "vision")
+                )
         except (OSError, ValueError, KeyError) as exc:
             raise _load_failed(self.model_id, "a CLIP vision tower and image processor", exc) from exc
         self.model.to(self.device, self.dtype).eval().requires_grad_(False)
@@ -215,9 +225,17 @@ def _start_shards(shard_dir: Path, manifest: dict) -> None:
     write_json(path, manifest)
 
 
-def extract_image_features(images: dict[str, Path], out_dir: str | Path, encoder: ClipImageEncoder, *,
-                           batch_size: int = 64, shard_size: int = 2048, workers: int = 0,
-                           skip_bad: bool = False, progress: bool = True) -> Extraction:
+def extract_image_features(
+    images: dict[str, Path],
+    out_dir: str | Path,
+    encoder: ClipImageEncoder,
+    *,
+    batch_size: int = 64,
+    shard_size: int = 2048,
+    workers: int = 0,
+    skip_bad: bool = False,
+    progress: bool = True,
+) -> Extraction:
     """Encode every image of ``images`` (id -> path) and write the feature file(s) into ``out_dir``.
 
     Shards of ``shard_size`` images (ids in sorted order) are written as they finish; a rerun with the
@@ -232,12 +250,16 @@ def extract_image_features(images: dict[str, Path], out_dir: str | Path, encoder
     ids = sorted(images)
     if not ids:
         raise DataError(f"{out_dir}: no images to encode")
-    manifest = {"encoder": encoder.model_id, "dtype": str(encoder.dtype), "patch_tokens": encoder.patch_tokens,
-                "shard_size": shard_size,
-                "n_images": len(ids),
-                "images_sha1": hashlib.sha1("\n".join(f"{i}\t{images[i]}" for i in ids).encode()).hexdigest()}
+    manifest = {
+        "encoder": encoder.model_id,
+        "dtype": str(encoder.dtype),
+        "patch_tokens": encoder.patch_tokens,
+        "shard_size": shard_size,
+        "n_images": len(ids),
+        "images_sha1": hashlib.sha1("\n".join(f"{i}\t{images[i]}" for i in ids).encode()).hexdigest(),
+    }
     _start_shards(shard_dir, manifest)
-    shards = [ids[i:i + shard_size] for i in range(0, len(ids), shard_size)]
+    shards = [ids[i : i + shard_size] for i in range(0, len(ids), shard_size)]
     result = Extraction(files={}, n_images=len(ids))
     merged: dict[str, dict[str, torch.Tensor]] = {"pooled": {}, "patches": {}}
     bar = tqdm(total=len(ids), desc="CLIP features", unit="img", disable=not progress, dynamic_ncols=True)
@@ -265,8 +287,10 @@ def extract_image_features(images: dict[str, Path], out_dir: str | Path, encoder
         if not skip_bad:
             shown = "; ".join(message for _, message in result.bad[:10])
             more = f" (and {len(result.bad) - 10} more)" if len(result.bad) > 10 else ""
-            raise DataError(f"{len(result.bad)} unreadable image(s), listed in {out_dir / 'bad_images.txt'}: "
-                            f"{shown}{more}; fix or remove them, or pass --skip-bad to leave them out")
+            raise DataError(
+                f"{len(result.bad)} unreadable image(s), listed in {out_dir / 'bad_images.txt'}: "
+                f"{shown}{more}; fix or remove them, or pass --skip-bad to leave them out"
+            )
         log.warning("left out %d unreadable image(s), listed in %s", len(result.bad), out_dir / "bad_images.txt")
     if not merged["pooled"]:
         raise DataError(f"{out_dir}: none of the {len(ids)} images could be read")
@@ -279,10 +303,15 @@ def extract_image_features(images: dict[str, Path], out_dir: str | Path, encoder
     return result
 
 
-def _encode_shard(shard_ids: list[str], images: dict[str, Path], encoder: ClipImageEncoder, batch_size: int,
-                  workers: int, bar) -> tuple[dict[str, torch.Tensor], list[list[str]]]:
-    loader = DataLoader(_ImageFiles([(i, images[i]) for i in shard_ids], encoder.processor), batch_size=batch_size,
-                        num_workers=workers, collate_fn=_collate)
+def _encode_shard(
+    shard_ids: list[str], images: dict[str, Path], encoder: ClipImageEncoder, batch_size: int, workers: int, bar
+) -> tuple[dict[str, torch.Tensor], list[list[str]]]:
+    loader = DataLoader(
+        _ImageFiles([(i, images[i]) for i in shard_ids], encoder.processor),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_collate,
+    )
     tensors: dict[str, torch.Tensor] = {}
     bad: list[list[str]] = []
     for batch in loader:
@@ -307,8 +336,15 @@ def text_encoder_kind(encoder: str) -> str:
 class TextEncoder:
     """Sentences -> L2-normalised embeddings [N x D], by the CLIP text tower or a sentence-transformers model."""
 
-    def __init__(self, encoder: str, *, kind: str | None = None, device: str | torch.device = "auto",
-                 batch_size: int = 256, dtype: str = "fp32"):
+    def __init__(
+        self,
+        encoder: str,
+        *,
+        kind: str | None = None,
+        device: str | torch.device = "auto",
+        batch_size: int = 256,
+        dtype: str = "fp32",
+    ):
         self.encoder = resolve_encoder(encoder)
         self.kind = kind or text_encoder_kind(self.encoder)
         if self.kind not in ("clip-text", "sentence-transformers"):
@@ -329,33 +365,52 @@ class TextEncoder:
                 with _quiet_transformers():
                     self.tokenizer = AutoTokenizer.from_pretrained(self.encoder)
                     self.model = CLIPTextModelWithProjection.from_pretrained(
-                        self.encoder, config=_tower_config(self.encoder, "text"))
+                        self.encoder, config=_tower_config(self.encoder, "text")
+                    )
                 self.model.to(self.device, self.dtype).eval().requires_grad_(False)
         except ImportError as exc:
-            raise ValueError(f"{self.encoder}: sentence-transformers is not installed "
-                             "(pip install sentence-transformers)") from exc
+            raise ValueError(
+                f"{self.encoder}: sentence-transformers is not installed (pip install sentence-transformers)"
+            ) from exc
         except (OSError, ValueError, KeyError) as exc:
             raise _load_failed(self.encoder, f"a {self.kind} text encoder", exc) from exc
 
     @torch.no_grad()
     def __call__(self, sentences: list[str], progress: bool = False) -> torch.Tensor:
         if self.kind == "sentence-transformers":
-            out = self.model.encode(sentences, batch_size=self.batch_size, normalize_embeddings=True,
-                                    convert_to_tensor=True, show_progress_bar=progress)
+            out = self.model.encode(
+                sentences,
+                batch_size=self.batch_size,
+                normalize_embeddings=True,
+                convert_to_tensor=True,
+                show_progress_bar=progress,
+            )
             return out.float().cpu()
         chunks = []
         max_len = self.model.config.max_position_embeddings  # CLIP's 77 tokens: longer captions are cut
         for start in tqdm(range(0, len(sentences), self.batch_size), desc="text features", disable=not progress):
-            batch = self.tokenizer(sentences[start:start + self.batch_size], padding=True, truncation=True,
-                                   max_length=max_len, return_tensors="pt")
-            out = self.model(input_ids=batch["input_ids"].to(self.device),
-                             attention_mask=batch["attention_mask"].to(self.device))
+            batch = self.tokenizer(
+                sentences[start : start + self.batch_size],
+                padding=True,
+                truncation=True,
+                max_length=max_len,
+                return_tensors="pt",
+            )
+            out = self.model(
+                input_ids=batch["input_ids"].to(self.device), attention_mask=batch["attention_mask"].to(self.device)
+            )
             chunks.append(torch.nn.functional.normalize(out.text_embeds.float(), dim=-1).cpu())
         return torch.cat(chunks)
 
 
-def write_text_features(path: str | Path, conditions: dict[str, str], encoder: TextEncoder, *,
-                        progress: bool = True, metadata: dict[str, str] | None = None) -> None:
+def write_text_features(
+    path: str | Path,
+    conditions: dict[str, str],
+    encoder: TextEncoder,
+    *,
+    progress: bool = True,
+    metadata: dict[str, str] | None = None,
+) -> None:
     """Encode one condition sentence per image (id -> sentence) into a feature file of the contract."""
     if not conditions:
         raise DataError(f"{path}: no condition sentences to encode")

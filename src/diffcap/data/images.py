@@ -1,4 +1,5 @@
 """Reading image files, with errors that name the file (used by feature extraction and `diffcap caption`)."""
+
 from __future__ import annotations
 
 import warnings

@@ -6,6 +6,7 @@ file that is missing or unreadable. Split names follow the contract's defaults: 
 ``test`` (Flickr8k's official ``dev`` list and Karpathy's ``val`` become ``val``; Karpathy's ``restval``,
 the part of COCO val2014 not held out, becomes ``train`` as in Karpathy & Fei-Fei, arXiv 1412.2306).
 """
+
 from __future__ import annotations
 
 import json
@@ -29,7 +30,6 @@ class Layout:
     records: list[CaptionRecord]
     images: dict[str, Path]
     captions_file: Path | None = None  # the file the captions were read from
-
 
     def captions_by_image(self) -> dict[str, list[CaptionRecord]]:
         """image id -> its records, in file order (caption #k of an image is the k-th)."""
@@ -63,8 +63,9 @@ def _check_one_split_per_image(records: list[CaptionRecord], source: Path) -> No
         splits.setdefault(r.image_id, set()).add(r.split)
     mixed = [i for i, s in splits.items() if len(s) > 1]
     if mixed:
-        raise DataError(f"{source}: {describe_ids(mixed)} have captions in more than one split; "
-                        "splits must be by image")
+        raise DataError(
+            f"{source}: {describe_ids(mixed)} have captions in more than one split; splits must be by image"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ Flickr8k
@@ -104,8 +105,10 @@ def read_flickr8k(root: Path) -> Layout:
     else:
         if (root / "dataset_flickr8k.json").is_file():
             return read_karpathy(root, "flickr8k")
-        raise DataError(f"{' or '.join(map(str, split_dirs))}: no split lists Flickr_8k.{{train,dev,test}}Images.txt "
-                        f"(nor Karpathy's dataset_flickr8k.json in {root})")
+        raise DataError(
+            f"{' or '.join(map(str, split_dirs))}: no split lists Flickr_8k.{{train,dev,test}}Images.txt "
+            f"(nor Karpathy's dataset_flickr8k.json in {root})"
+        )
     if captions_file is None:
         raise DataError(f"{root}: no captions.txt or Flickr8k.token.txt")
     if captions_file.name == "captions.txt":
@@ -123,8 +126,9 @@ def read_flickr8k(root: Path) -> Layout:
     records = [CaptionRecord(name, caption, split_of[name]) for name, caption in pairs if name in split_of]
     listed_without_captions = sorted(set(split_of) - {name for name, _ in pairs})
     if listed_without_captions:
-        raise DataError(f"{captions_file}: no captions for {describe_ids(listed_without_captions)} "
-                        "named in the split lists")
+        raise DataError(
+            f"{captions_file}: no captions for {describe_ids(listed_without_captions)} named in the split lists"
+        )
     image_dir = _first(root, FLICKR8K_IMAGE_DIRS) or root / FLICKR8K_IMAGE_DIRS[0]
     images = {name: image_dir / name for name in split_of}
     return Layout(records, images, captions_file)
@@ -195,7 +199,8 @@ def read_folder(root: Path, *, captions: str | Path | None = None, val_fraction:
     captions = Path(captions)
     records = read_captions(captions)
     _check_one_split_per_image(records, captions)
-    records = [r if r.split else CaptionRecord(r.image_id, r.caption, _hash_split(r.image_id, val_fraction))
-               for r in records]
+    records = [
+        r if r.split else CaptionRecord(r.image_id, r.caption, _hash_split(r.image_id, val_fraction)) for r in records
+    ]
     images = {i: root / i for i in dict.fromkeys(r.image_id for r in records)}
     return Layout(records, images, captions)

@@ -2,6 +2,7 @@
 
 That fixed noun phrase is what demo/scoring.py relies on to score generated captions.
 """
+
 from __future__ import annotations
 
 import random

@@ -4,6 +4,7 @@ The files follow the data contract (diffcap.data.contract): ``captions.jsonl`` a
 ``features.safetensors`` (raw pixels, which the run's CNN encodes), plus the demo's own ``scenes.json``
 (the ground truth the scoring needs).
 """
+
 from __future__ import annotations
 
 import json

@@ -2,6 +2,7 @@
 
 A pure function of the scene: the texture's randomness comes from the scene's own ``texture_seed``.
 """
+
 from __future__ import annotations
 
 import numpy as np

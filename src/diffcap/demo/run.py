@@ -3,6 +3,7 @@
 Everything runs offline on a CPU: no pretrained image encoder can be installed here, so the demo brings
 its own images (diffcap.demo.dataset) and learns its own encoder.
 """
+
 from __future__ import annotations
 
 import json
@@ -64,8 +65,9 @@ def demo_config(data_dir: Path, size: DemoSize) -> Config:
     return cfg
 
 
-def run_demo(out_dir: str | Path = "demo_out", size: DemoSize = DemoSize(), seed: int = 0,
-             overrides: list[str] = ()) -> dict:
+def run_demo(
+    out_dir: str | Path = "demo_out", size: DemoSize = DemoSize(), seed: int = 0, overrides: list[str] = ()
+) -> dict:
     """Generate data, train, evaluate on the test split, write metrics.json and report.html."""
 
     out = Path(out_dir)
@@ -89,13 +91,22 @@ def run_demo(out_dir: str | Path = "demo_out", size: DemoSize = DemoSize(), seed
     references = data.references()
     metrics = coco_metrics(predictions, {i: references[i] for i in test_ids})
     metrics.update(attribute_accuracy(predictions, {i: scenes[i] for i in test_ids}))
-    metrics.update(train_steps=train_stats["steps"], train_s=round(train_stats["train_s"], 1),
-                   total_s=round(time.time() - started, 1), sampler=f"{cfg.sampler.method}-{cfg.sampler.steps}")
+    metrics.update(
+        train_steps=train_stats["steps"],
+        train_s=round(train_stats["train_s"], 1),
+        total_s=round(time.time() - started, 1),
+        sampler=f"{cfg.sampler.method}-{cfg.sampler.steps}",
+    )
     write_json(out / "metrics.json", metrics)
     write_coco_results(out / "test_results.json", predictions)
     items = [
-        {"image_id": i, "image": data.images[i], "caption": predictions[i], "references": references[i],
-         "trajectory": [(f"t={t}", text) for t, text in traj]}
+        {
+            "image_id": i,
+            "image": data.images[i],
+            "caption": predictions[i],
+            "references": references[i],
+            "trajectory": [(f"t={t}", text) for t, text in traj],
+        }
         for i, traj in list(zip(test_ids, result.trajectories or [[]] * len(test_ids)))[: size.report_images]
     ]
     write_report(out / "report.html", items, metrics, title="diffcap demo: synthetic scenes, test split")

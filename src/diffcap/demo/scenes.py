@@ -7,6 +7,7 @@ compositional generalisation (``attribute_accuracy_unseen``, demo/scoring.py).
 
 Everything is deterministic per seed: only ``random.Random`` instances are used, never global RNGs.
 """
+
 from __future__ import annotations
 
 import json

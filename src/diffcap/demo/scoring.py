@@ -3,6 +3,7 @@
 The parser reads every common phrasing, not only the generator's, so a model that words a scene its
 own way is still scored fairly.
 """
+
 from __future__ import annotations
 
 import re

@@ -4,14 +4,15 @@ The schedule lives here as buffers; the denoiser never sees it. Losses come back
 terms so each can be logged (improved-diffusion style), plus per-sample values and timesteps for the
 loss-per-quartile report.
 """
+
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from ..config import DiffusionConfig
-from .objectives import make_objective
 from .noise import StepNoise
+from .objectives import make_objective
 from .schedules import alpha_bar, make_betas
 from .timesteps import make_timestep_sampler
 
@@ -37,8 +38,9 @@ class GaussianDiffusion(nn.Module):
         """x_t ~ q(x_t | x0) = N(sqrt(abar_t) x0, (1 - abar_t) I); [B x L x D]."""
         return self.a[t][:, None, None] * x0 + self.s[t][:, None, None] * noise
 
-    def unrolled_x_t(self, x0_hat: torch.Tensor, x_from: torch.Tensor, t_from: torch.Tensor,
-                     t: torch.Tensor) -> torch.Tensor:
+    def unrolled_x_t(
+        self, x0_hat: torch.Tensor, x_from: torch.Tensor, t_from: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
         """The DDIM step (eta 0) from ``x_from`` at ``t_from`` to t, given the estimate ``x0_hat``:
         a_t x0_hat + s_t eps_hat with eps_hat = (x_from - a_from x0_hat) / s_from, exactly what
         diffusers' DDIMScheduler computes for prediction_type="sample"; [B x L x D]."""
@@ -54,8 +56,14 @@ class GaussianDiffusion(nn.Module):
         d = diff.abs() if self.cfg.loss == "l1" else diff.pow(2)
         return d.mean(dim=(1, 2))  # (B,)
 
-    def training_losses(self, model, ids: torch.Tensor, features: torch.Tensor,
-                        t: torch.Tensor | None = None, noise: StepNoise | None = None) -> dict[str, torch.Tensor]:
+    def training_losses(
+        self,
+        model,
+        ids: torch.Tensor,
+        features: torch.Tensor,
+        t: torch.Tensor | None = None,
+        noise: StepNoise | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Losses for one batch.
 
         Args:
@@ -106,8 +114,9 @@ class GaussianDiffusion(nn.Module):
             with torch.no_grad():
                 first = self.predict_x0(model(x_first, t_first, cond, None, drop), x_first, t_first)
         if unroll is not None:
-            x_t = torch.where(unroll[:, None, None], self.unrolled_x_t(core.embedding.clamp(first), x_first,
-                                                                     t_first, t), x_t)
+            x_t = torch.where(
+                unroll[:, None, None], self.unrolled_x_t(core.embedding.clamp(first), x_first, t_first, t), x_t
+            )
 
         self_cond = None
         if core.cfg.self_condition:

@@ -14,6 +14,7 @@ p(match | x_t, c) and ``log sigmoid f`` plays the role of log p(c | x_t).
 A trained guidance model lives in its own folder of the run directory (diffcap.training.guidance
 trains, saves and loads it).
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,16 +37,33 @@ class GuidanceClassifier(nn.Module):
         emb_dim: D, width of the diffusion space.  cond_dim: C.  seq_len: L.
     """
 
-    def __init__(self, *, kind: str, emb_dim: int, cond_dim: int, seq_len: int, d_model: int = 128,
-                 n_layers: int = 2, n_heads: int = 4):
+    def __init__(
+        self,
+        *,
+        kind: str,
+        emb_dim: int,
+        cond_dim: int,
+        seq_len: int,
+        d_model: int = 128,
+        n_layers: int = 2,
+        n_heads: int = 4,
+    ):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"guidance kind {kind!r}: choose one of {list(KINDS)}")
-        self.config = dict(kind=kind, emb_dim=emb_dim, cond_dim=cond_dim, seq_len=seq_len, d_model=d_model,
-                           n_layers=n_layers, n_heads=n_heads)
+        self.config = dict(
+            kind=kind,
+            emb_dim=emb_dim,
+            cond_dim=cond_dim,
+            seq_len=seq_len,
+            d_model=d_model,
+            n_layers=n_layers,
+            n_heads=n_heads,
+        )
         self.kind, self.d_model = kind, d_model
-        self.time_mlp = nn.Sequential(nn.Linear(d_model, d_model), nn.SiLU(), nn.Linear(d_model, 2 if kind == "linear"
-                                                                                             else d_model))
+        self.time_mlp = nn.Sequential(
+            nn.Linear(d_model, d_model), nn.SiLU(), nn.Linear(d_model, 2 if kind == "linear" else d_model)
+        )
         if kind == "linear":
             # one (D x C) map per position: the coefficients of x_t[l] are W_l c
             self.weight = nn.Parameter(torch.randn(seq_len, emb_dim, cond_dim) / (emb_dim * cond_dim * seq_len) ** 0.5)
@@ -54,8 +72,9 @@ class GuidanceClassifier(nn.Module):
             self.cond_proj = nn.Linear(cond_dim, d_model)
             self.pos = nn.Parameter(torch.zeros(1, seq_len, d_model))
             self.cls = nn.Parameter(torch.zeros(1, 1, d_model))
-            layer = nn.TransformerEncoderLayer(d_model, n_heads, 4 * d_model, dropout=0.0, batch_first=True,
-                                               norm_first=True)
+            layer = nn.TransformerEncoderLayer(
+                d_model, n_heads, 4 * d_model, dropout=0.0, batch_first=True, norm_first=True
+            )
             self.body = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
             self.head = nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, 1))
 
@@ -76,8 +95,9 @@ class GuidanceClassifier(nn.Module):
         return F.logsigmoid(self(x_t, t, cond))
 
 
-def classifier_shift(classifier: nn.Module, alpha_bar: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
-                     cond: torch.Tensor) -> torch.Tensor:
+def classifier_shift(
+    classifier: nn.Module, alpha_bar: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor
+) -> torch.Tensor:
     """How far classifier guidance moves the x0 estimate: (1 - abar_t) / sqrt(abar_t) grad log p(c|x_t).
 
     Dhariwal & Nichol (Algorithm 2 / eq. 14) replace eps_hat by eps_hat - sqrt(1 - abar_t) grad; since
@@ -95,8 +115,14 @@ def classifier_shift(classifier: nn.Module, alpha_bar: torch.Tensor, x_t: torch.
 # ---- the training loss (training/guidance.py trains a classifier for a run) ---------------------
 
 
-def contrastive_loss(classifier: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
-                     image: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
+def contrastive_loss(
+    classifier: nn.Module,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    cond: torch.Tensor,
+    image: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, float]:
     """BCE on matched pairs and on pairs with the condition of a shuffled batch; (loss, accuracy).
 
     ``image`` [B] identifies each caption's image: a shuffled pair of two captions of the same image is

@@ -7,6 +7,7 @@ batch N*B. Here every process draws the values of the *whole global batch* from 
 position in the global batch. A side effect: training noise needs no RNG state to resume exactly.
 The extra draws cost little next to the forward pass (the noise is [B x L x D] per process).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -20,8 +21,18 @@ class StepNoise:
     caption, ``world`` processes of ``batch`` examples, this one being ``rank``); each method returns
     the local rows flattened to [K*B, ...], the layout of ``ids.repeat(K, 1)``."""
 
-    def __init__(self, seed: int, step: int, *, k: int, batch: int, rank: int = 0, world: int = 1,
-                 device: torch.device | str = "cpu", gather: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    def __init__(
+        self,
+        seed: int,
+        step: int,
+        *,
+        k: int,
+        batch: int,
+        rank: int = 0,
+        world: int = 1,
+        device: torch.device | str = "cpu",
+        gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
         key = int(np.random.SeedSequence([seed, step]).generate_state(1, np.uint64)[0]) >> 1
         self.seed, self.step = seed, step
         self.k, self.batch, self.rank, self.world = k, batch, rank, world
@@ -32,7 +43,9 @@ class StepNoise:
         self._gather = gather
 
     def _local(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.view(self.k, self.world * self.batch, *x.shape[1:])[:, self.rank * self.batch:(self.rank + 1) * self.batch]
+        x = x.view(self.k, self.world * self.batch, *x.shape[1:])[
+            :, self.rank * self.batch : (self.rank + 1) * self.batch
+        ]
         return x.reshape(self.k * self.batch, *x.shape[2:]).to(self.device)
 
     @property
@@ -62,7 +75,7 @@ class StepNoise:
         key = int(np.random.SeedSequence([self.seed, self.step, 1]).generate_state(1, np.uint64)[0]) >> 1
         gen = torch.Generator(self.device).manual_seed(key)
         full = torch.randn(self.world * self.batch, *shape, generator=gen, device=self.device)
-        return full[self.rank * self.batch:(self.rank + 1) * self.batch]
+        return full[self.rank * self.batch : (self.rank + 1) * self.batch]
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """The [K*world*B] values of the global batch from every process's [K*B] rows, in the order

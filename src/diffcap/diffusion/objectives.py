@@ -3,6 +3,7 @@
 Each objective is a small class chosen once from the config, so the diffusion core has no mode
 strings. Notation: x_t = a_t x0 + s_t eps with a_t = sqrt(alpha_bar_t), s_t = sqrt(1 - alpha_bar_t).
 """
+
 from __future__ import annotations
 
 import torch

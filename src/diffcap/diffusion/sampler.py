@@ -7,6 +7,7 @@ guidance, classifier guidance (:mod:`diffcap.diffusion.guidance`) and Diffusion-
 small function). All randomness goes through
 one ``torch.Generator``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -15,8 +16,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from ..config import SamplerConfig
-from .guidance import classifier_shift
 from .diffusion import GaussianDiffusion
+from .guidance import classifier_shift
 
 
 def make_scheduler(method: str, diffusion: GaussianDiffusion, steps: int):
@@ -53,8 +54,9 @@ class SampleOutput:
 class Sampler:
     """Turns condition features into token ids with a trained captioner."""
 
-    def __init__(self, model, diffusion: GaussianDiffusion, cfg: SamplerConfig, seq_len: int, pad_id: int = 0,
-                 classifier=None):
+    def __init__(
+        self, model, diffusion: GaussianDiffusion, cfg: SamplerConfig, seq_len: int, pad_id: int = 0, classifier=None
+    ):
         self.model, self.diffusion, self.cfg, self.seq_len, self.pad_id = model, diffusion, cfg, seq_len, pad_id
         if cfg.classifier_scale > 0 and classifier is None:
             raise ValueError("sampler.classifier_scale > 0 needs a guidance classifier")
@@ -64,8 +66,9 @@ class Sampler:
         x0, logits = self._x0_model(x_t, t, cond, self_cond, want_logits)
         if self.cfg.classifier_scale > 0:
             tt = torch.full((x_t.shape[0],), int(t), device=x_t.device, dtype=torch.long)
-            x0 = x0 + self.cfg.classifier_scale * classifier_shift(self.classifier, self.diffusion.alpha_bar,
-                                                                   x_t, tt, cond)
+            x0 = x0 + self.cfg.classifier_scale * classifier_shift(
+                self.classifier, self.diffusion.alpha_bar, x_t, tt, cond
+            )
         if want_logits and logits is None:  # the tied rounding head on the x0 estimate
             logits = self.model.embedding.logits(x0)
         return x0, logits
@@ -93,8 +96,9 @@ class Sampler:
         return guide(x0[:batch], x0[batch:], scale), logits
 
     @torch.no_grad()
-    def sample(self, features: torch.Tensor, generator: torch.Generator | None = None,
-               trajectory: bool = False) -> SampleOutput:
+    def sample(
+        self, features: torch.Tensor, generator: torch.Generator | None = None, trajectory: bool = False
+    ) -> SampleOutput:
         """features [B x ...] -> ids [B x L]; with ``cfg.mbr = k`` it draws k samples per input and keeps
         the minimum-Bayes-risk one."""
         k = self.cfg.mbr
@@ -155,14 +159,14 @@ def collapse_repeats(ids: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
     out = torch.full_like(ids, pad_id)
     for row, (tokens, drop) in enumerate(zip(ids, repeat)):
         kept = tokens[~drop]
-        out[row, :len(kept)] = kept
+        out[row, : len(kept)] = kept
     return out
 
 
 def _ngrams(ids: list[int], n: int) -> dict[tuple[int, ...], int]:
     counts: dict[tuple[int, ...], int] = {}
     for i in range(len(ids) - n + 1):
-        key = tuple(ids[i:i + n])
+        key = tuple(ids[i : i + n])
         counts[key] = counts.get(key, 0) + 1
     return counts
 
@@ -189,7 +193,7 @@ def select_mbr(out: SampleOutput, k: int, pad_id: int = 0) -> SampleOutput:
     groups = ids.shape[0] // k
     keep = []
     for g in range(groups):
-        cands = [[tok for tok in row.tolist() if tok != pad_id] for row in ids[g * k:(g + 1) * k]]
+        cands = [[tok for tok in row.tolist() if tok != pad_id] for row in ids[g * k : (g + 1) * k]]
         utility = [sum(ngram_f1(c, o) for j, o in enumerate(cands) if j != i) for i, c in enumerate(cands)]
         keep.append(g * k + max(range(k), key=lambda i: utility[i]))
     index = torch.tensor(keep, device=ids.device)

@@ -8,6 +8,7 @@ All three are defined through alpha_bar(t) = prod_{s<=t} (1 - beta_s):
   which adds noise fast at small t: word embeddings are far apart, so a little noise barely
   changes the nearest word.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,7 +17,9 @@ from typing import Callable
 import numpy as np
 
 
-def betas_from_alpha_bar(alpha_bar: Callable[[float], float], num_timesteps: int, max_beta: float = 0.999) -> np.ndarray:
+def betas_from_alpha_bar(
+    alpha_bar: Callable[[float], float], num_timesteps: int, max_beta: float = 0.999
+) -> np.ndarray:
     """Discretise a continuous alpha_bar(u), u in [0, 1], into T betas (improved DDPM, eq. 17).
 
     diffusers has this helper only for its built-in transforms, not for Diffusion-LM's sqrt.

@@ -10,6 +10,7 @@ history per band of timesteps rather than per t, so that it fills within a CPU-s
 hard noise levels: a banded version of CDCD's time warping (Dieleman et al. 2022, arXiv 2211.15089),
 which also fits the distribution of t to the loss instead of keeping the ELBO weighting.
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,8 +34,15 @@ class UniformTimesteps:
 
 
 class LossAwareTimesteps(UniformTimesteps):
-    def __init__(self, num_timesteps: int, *, bands: int = 20, history: int = 10, uniform_prob: float = 0.001,
-                 reweight: bool = True):
+    def __init__(
+        self,
+        num_timesteps: int,
+        *,
+        bands: int = 20,
+        history: int = 10,
+        uniform_prob: float = 0.001,
+        reweight: bool = True,
+    ):
         super().__init__(num_timesteps)
         self.reweight = reweight
         self.bands = min(bands, num_timesteps)

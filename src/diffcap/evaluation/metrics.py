@@ -262,8 +262,17 @@ def read_coco_results(path: PathLike) -> dict[str, str]:
     return predictions
 
 
-def evaluate_run(run_dir: PathLike, captions: PathLike, features: PathLike, split: str, out_dir: PathLike, *,
-                 device: str = "cpu", seed: int | None = None, **sampler_overrides) -> dict:
+def evaluate_run(
+    run_dir: PathLike,
+    captions: PathLike,
+    features: PathLike,
+    split: str,
+    out_dir: PathLike,
+    *,
+    device: str = "cpu",
+    seed: int | None = None,
+    **sampler_overrides,
+) -> dict:
     """Caption every image of ``split`` with a trained run and score it against that split's references.
 
     Writes ``out_dir/metrics.json`` and the COCO-format ``out_dir/results.json``; returns the metrics.

@@ -3,6 +3,7 @@
 The page has no external assets (images are inline base64 PNG data URIs, CSS is inline), so it can
 be opened offline or attached anywhere. All text is HTML-escaped.
 """
+
 from __future__ import annotations
 
 import base64

@@ -6,6 +6,7 @@ favours cheap settings, and ``train.time_budget_s`` alone cuts the learning-rate
 so that the whole schedule fits the budget, and ``train.time_budget_s`` stays as the hard stop.
 Both ``diffcap sweep`` and the Flickr8k proxy benchmark train this way (:func:`train_to_budget`).
 """
+
 from __future__ import annotations
 
 import copy
@@ -72,8 +73,16 @@ def plan_to_budget(cfg: Config, budget_s: float, sec_per_step: float) -> Config:
     return out
 
 
-def train_to_budget(cfg: Config, budget_s: float, run_dir: str | Path, *, data=None, resume: bool = False,
-                    checkpoints: int = 0, say=None) -> dict:
+def train_to_budget(
+    cfg: Config,
+    budget_s: float,
+    run_dir: str | Path,
+    *,
+    data=None,
+    resume: bool = False,
+    checkpoints: int = 0,
+    say=None,
+) -> dict:
     """Calibrate, plan ``cfg`` to fit ``budget_s`` seconds (0: train ``cfg.train.steps`` as given), train.
 
     Without ``resume`` the run directory starts empty; with it, training continues from the run's newest
@@ -114,14 +123,26 @@ def train_to_budget(cfg: Config, budget_s: float, run_dir: str | Path, *, data=N
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     start = time.time()
     stats = trainer.train(resume=resume)
-    record = {"steps": stats["steps"], "planned_steps": cfg.train.steps, "train_s": stats["train_s"],
-              "wall_s": time.time() - start, "stopped_by_budget": budget_s > 0 and stats["steps"] < cfg.train.steps,
-              "budget_s": budget_s, "sec_per_step": plan["sec_per_step"], "calibration_wall_s": calibration_wall_s,
-              "resumed": trainer.resumed_at is not None, "resumed_at_step": trainer.resumed_at,
-              "final_loss": stats.get("loss"), "params": params, "params_trainable": trainable}
+    record = {
+        "steps": stats["steps"],
+        "planned_steps": cfg.train.steps,
+        "train_s": stats["train_s"],
+        "wall_s": time.time() - start,
+        "stopped_by_budget": budget_s > 0 and stats["steps"] < cfg.train.steps,
+        "budget_s": budget_s,
+        "sec_per_step": plan["sec_per_step"],
+        "calibration_wall_s": calibration_wall_s,
+        "resumed": trainer.resumed_at is not None,
+        "resumed_at_step": trainer.resumed_at,
+        "final_loss": stats.get("loss"),
+        "params": params,
+        "params_trainable": trainable,
+    }
     del trainer, model
     gc.collect()
     reset_accelerate()
-    say(f"{run_dir.name}: trained {record['steps']} steps in {record['train_s']:.1f} s, "
-        f"loss {record['final_loss'] if record['final_loss'] is not None else float('nan'):.3f}")
+    say(
+        f"{run_dir.name}: trained {record['steps']} steps in {record['train_s']:.1f} s, "
+        f"loss {record['final_loss'] if record['final_loss'] is not None else float('nan'):.3f}"
+    )
     return record

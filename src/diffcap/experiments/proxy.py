@@ -25,6 +25,7 @@ Both neural methods train on the official train split (Flickr_8k.trainImages.txt
 wall-time budget (diffcap.experiments.budget). :func:`run_proxy` writes ``results.json`` and
 ``results.md``; benchmarks/flickr8k_proxy.py is its command line.
 """
+
 from __future__ import annotations
 
 import copy
@@ -68,20 +69,40 @@ TABLE_COLUMNS = ("BLEU-4", "METEOR", "ROUGE_L", "CIDEr", "latency_b1_s", "throug
 # and data.* are set at run time. Both models have the same size and optimiser and use bf16 matmuls
 # for training and captioning.
 COMMON_SETTINGS = (
-    "text.max_length=20", "model.d_model=256", "model.n_layers=4", "model.n_heads=4",
-    "train.batch_size=64", "train.lr=0.001", "train.final_lr=0.0001", "train.warmup_steps=100",
-    "train.mixed_precision=bf16", "sampler.precision=bf16",
-    "train.eval_every=0", "train.save_every=1000000000", "train.log_every=50", "train.progress=false",
+    "text.max_length=20",
+    "model.d_model=256",
+    "model.n_layers=4",
+    "model.n_heads=4",
+    "train.batch_size=64",
+    "train.lr=0.001",
+    "train.final_lr=0.0001",
+    "train.warmup_steps=100",
+    "train.mixed_precision=bf16",
+    "sampler.precision=bf16",
+    "train.eval_every=0",
+    "train.save_every=1000000000",
+    "train.log_every=50",
+    "train.progress=false",
 )
 # diffcap's best settings on this proxy (BENCHMARKS.md): CDCD score interpolation, linear schedule,
 # warped timesteps, rounding weight 1.0, repeated tokens collapsed; trained on a teacher's captions, so
 # one DDIM step without guidance suffices (configs/diffcap_best_distilled.yaml).
 SETTINGS = {
-    "diffusion": COMMON_SETTINGS + (
-        "model.kind=diffusion", "model.emb_dim=64", "model.self_condition=true", "model.score_interpolation=true",
-        "diffusion.schedule=linear", "diffusion.objective=x0", "diffusion.timestep_sampler=warped",
-        "diffusion.rounding_weight=1.0", "sampler.method=ddim", "sampler.steps=1", "sampler.clamp=true",
-        "sampler.guidance_scale=1.0", "sampler.collapse_repeats=true",
+    "diffusion": COMMON_SETTINGS
+    + (
+        "model.kind=diffusion",
+        "model.emb_dim=64",
+        "model.self_condition=true",
+        "model.score_interpolation=true",
+        "diffusion.schedule=linear",
+        "diffusion.objective=x0",
+        "diffusion.timestep_sampler=warped",
+        "diffusion.rounding_weight=1.0",
+        "sampler.method=ddim",
+        "sampler.steps=1",
+        "sampler.clamp=true",
+        "sampler.guidance_scale=1.0",
+        "sampler.collapse_repeats=true",
     ),
     "autoregressive": COMMON_SETTINGS + ("model.kind=autoregressive", "sampler.beam_size=1"),
 }
@@ -128,34 +149,54 @@ def prepared_features(data_dir: Path, work: Path, layout: Layout) -> FeatureStor
     folder = cache_folder(work, data_dir)
     stamp = {"encoder": ENCODER_NAME, "source_sha256": hashlib.sha256(layout.captions_file.read_bytes()).hexdigest()}
     stamp_path = folder / "proxy_source.json"
-    if not (stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp
-            and (folder / "features.safetensors").is_file()):
+    if not (
+        stamp_path.is_file()
+        and json.loads(stamp_path.read_text()) == stamp
+        and (folder / "features.safetensors").is_file()
+    ):
         say(f"encoding caption #0 of every image with {ENCODER_NAME}")
-        prepare("flickr8k", data_dir, folder, condition="text", text_encoder=str(minilm_dir()), condition_caption=0,
-                batch_size=128, device="cpu", progress=False)
+        prepare(
+            "flickr8k",
+            data_dir,
+            folder,
+            condition="text",
+            text_encoder=str(minilm_dir()),
+            condition_caption=0,
+            batch_size=128,
+            device="cpu",
+            progress=False,
+        )
         write_json(stamp_path, stamp)
     else:
         say(f"reusing prepared features in {folder}")
     return FeatureStore.open(folder / "features.safetensors")
 
 
-def load_split_set(data_dir: Path, split: str, work: Path, max_images: int | None = None,
-                   layout: Layout | None = None) -> SplitSet:
+def load_split_set(
+    data_dir: Path, split: str, work: Path, max_images: int | None = None, layout: Layout | None = None
+) -> SplitSet:
     """Split ``split`` (a Flickr8k split list name: train, dev, test) of the Flickr8k folder ``data_dir``."""
     layout = layout or read_layout("flickr8k", data_dir)
     contract_split = FLICKR8K_SPLITS.get(split, split)
     split_of = {r.image_id: r.split for r in layout.records}
-    ids = [i for i in layout.images if split_of[i] == contract_split][:max_images or None]
+    ids = [i for i in layout.images if split_of[i] == contract_split][: max_images or None]
     if not ids:
         raise DataError(f"{data_dir / f'Flickr_8k.{split}Images.txt'}: no images (split list missing or empty)")
     grouped = layout.captions_by_image()
     short = [i for i in ids if len(grouped[i]) < 2]
     if short:
-        raise DataError(f"{layout.captions_file}: {short[:5]} have fewer than 2 captions "
-                        "(caption #0 is the condition, the others are the references)")
+        raise DataError(
+            f"{layout.captions_file}: {short[:5]} have fewer than 2 captions "
+            "(caption #0 is the condition, the others are the references)"
+        )
     store = prepared_features(data_dir, work, layout)
-    return SplitSet(split, ids, [grouped[i][0].caption for i in ids],
-                    {i: [r.caption for r in grouped[i][1:]] for i in ids}, store.get(ids))
+    return SplitSet(
+        split,
+        ids,
+        [grouped[i][0].caption for i in ids],
+        {i: [r.caption for r in grouped[i][1:]] for i in ids},
+        store.get(ids),
+    )
 
 
 def write_contract(folder: Path, splits: Sequence[SplitSet]) -> Path:
@@ -178,22 +219,32 @@ def prepare_sweep_data(folder: Path, train: SplitSet, ev: SplitSet, cfg: Config,
     records = [CaptionRecord(i, c, s.name) for s in (train, ev) for i in s.image_ids for c in s.references[i]]
     write_captions(records, folder / "captions.jsonl")
     feats = dict(zip(train.image_ids, train.features)) | dict(zip(ev.image_ids, ev.features))
-    write_features(folder / "features.safetensors", {i: v.clone() for i, v in feats.items()},
-                   {"encoder": ENCODER_NAME, "condition": "caption #0 (file order), normalised sentence embedding"})
+    write_features(
+        folder / "features.safetensors",
+        {i: v.clone() for i, v in feats.items()},
+        {"encoder": ENCODER_NAME, "condition": "caption #0 (file order), normalised sentence embedding"},
+    )
     link = folder / "minilm"
     if link.is_symlink() or link.exists():
         link.unlink()
     link.symlink_to(tokenizer_dir.resolve(), target_is_directory=True)
     default, ours = Config().to_dict(), cfg.to_dict()
-    changed = {section: {k: v for k, v in values.items() if v != default[section][k]}
-               for section, values in ours.items() if section != "data"}
+    changed = {
+        section: {k: v for k, v in values.items() if v != default[section][k]}
+        for section, values in ours.items()
+        if section != "data"
+    }
     changed["text"].pop("tokenizer", None)
     changed = {section: values for section, values in changed.items() if values}
-    header = ("# Written by benchmarks/flickr8k_proxy.py --prepare-only: the proxy benchmark's diffusion settings\n"
-              "# (diffcap.experiments.proxy.SETTINGS['diffusion'] + --diffusion-set) as overrides of the defaults.\n")
+    header = (
+        "# Written by benchmarks/flickr8k_proxy.py --prepare-only: the proxy benchmark's diffusion settings\n"
+        "# (diffcap.experiments.proxy.SETTINGS['diffusion'] + --diffusion-set) as overrides of the defaults.\n"
+    )
     (folder / "proxy_diffusion.yaml").write_text(header + yaml.safe_dump(changed, sort_keys=False))
-    say(f"wrote {folder}: captions.jsonl ({len(train.image_ids)} train, {len(ev.image_ids)} {ev.name} images), "
-        "features.safetensors, minilm, proxy_diffusion.yaml")
+    say(
+        f"wrote {folder}: captions.jsonl ({len(train.image_ids)} train, {len(ev.image_ids)} {ev.name} images), "
+        "features.safetensors, minilm, proxy_diffusion.yaml"
+    )
 
 
 def build_config(method: str, overrides: Sequence[str], tokenizer_dir: Path) -> Config:
@@ -219,16 +270,26 @@ def train_method(cfg: Config, budget_s: float, runs: Path, name: str) -> tuple[P
     """Train ``cfg`` for ``budget_s`` seconds into ``runs/name``; (run dir, the training record)."""
     run_dir = runs / name
     r = train_to_budget(cfg, budget_s, run_dir, say=say)
-    info = {"train_s": r["train_s"], "steps": r["steps"], "planned_steps": r["planned_steps"],
-            "stopped_by_budget": r["stopped_by_budget"], "budget_s": budget_s,
-            "calibration_s_per_step": r["sec_per_step"], "calibration_wall_s": r["calibration_wall_s"],
-            "final_loss": r["final_loss"], "params": r["params"], "params_trainable": r["params_trainable"],
-            "weights": "ema", "run_dir": str(run_dir)}
+    info = {
+        "train_s": r["train_s"],
+        "steps": r["steps"],
+        "planned_steps": r["planned_steps"],
+        "stopped_by_budget": r["stopped_by_budget"],
+        "budget_s": budget_s,
+        "calibration_s_per_step": r["sec_per_step"],
+        "calibration_wall_s": r["calibration_wall_s"],
+        "final_loss": r["final_loss"],
+        "params": r["params"],
+        "params_trainable": r["params_trainable"],
+        "weights": "ema",
+        "run_dir": str(run_dir),
+    }
     return run_dir, info
 
 
-def train_distilled(cfg: Config, teacher_cfg: Config, budget_s: float, share: float, runs: Path,
-                    beam: int = DISTILL_BEAM) -> tuple[Path, dict]:
+def train_distilled(
+    cfg: Config, teacher_cfg: Config, budget_s: float, share: float, runs: Path, beam: int = DISTILL_BEAM
+) -> tuple[Path, dict]:
     """Sequence-level distillation inside one budget (diffcap.training.distill): an autoregressive teacher
     trains for ``share`` of it, captions the training images, and the diffusion captioner trains on those
     captions for what is left. ``train_s`` is the sum of all three, so the diffusion captioner gets the
@@ -241,8 +302,9 @@ def train_distilled(cfg: Config, teacher_cfg: Config, budget_s: float, share: fl
     teacher_dir, teacher = train_method(teacher_cfg, share * budget_s, runs, "diffusion-teacher")
     say(f"diffusion: the teacher captions the training images (beam {beam})")
     distilled = Path(cfg.data.captions).with_name("captions_distilled.jsonl")
-    summary = distill_captions(teacher_dir, cfg.data.captions, cfg.data.features, distilled,
-                               split=cfg.data.train_split, beam_size=beam)
+    summary = distill_captions(
+        teacher_dir, cfg.data.captions, cfg.data.features, distilled, split=cfg.data.train_split, beam_size=beam
+    )
     say(f"diffusion: {summary['teacher_captions']} teacher captions in {summary['captioning_s']:.1f} s")
     student_cfg = copy.deepcopy(cfg)
     student_cfg.data.captions = str(distilled)
@@ -251,8 +313,14 @@ def train_distilled(cfg: Config, teacher_cfg: Config, budget_s: float, share: fl
         raise ConfigError(f"--distill-share {share} leaves no training time for the diffusion captioner")
     say(f"diffusion: training for the remaining {left_s / 60:.2f} min")
     run_dir, info = train_method(student_cfg, left_s, runs, "diffusion")
-    info["distillation"] = {"share": share, "beam": beam, "teacher": teacher, "captioning": summary,
-                            "student_train_s": info["train_s"], "student_steps": info["steps"]}
+    info["distillation"] = {
+        "share": share,
+        "beam": beam,
+        "teacher": teacher,
+        "captioning": summary,
+        "student_train_s": info["train_s"],
+        "student_steps": info["steps"],
+    }
     info["train_s"] = teacher["train_s"] + summary["captioning_s"] + info["train_s"]
     info["budget_s"] = budget_s
     return run_dir, info
@@ -270,8 +338,12 @@ def score(predictions: dict[str, str], references: dict[str, list[str]]) -> dict
 def speed(pipe: CaptionPipeline, features: torch.Tensor, **sampler) -> dict[str, float]:
     """Batch-64 throughput and FLOPs under the names results.json uses."""
     t = throughput(pipe, features, THROUGHPUT_BATCH, **sampler)
-    return {"throughput_b64": t["captions_per_s"], "b64_s": t["batch_s"],
-            "sampling_gflop_per_caption": t["gflop_per_caption"], "sampling_gflops": t["gflops"]}
+    return {
+        "throughput_b64": t["captions_per_s"],
+        "b64_s": t["batch_s"],
+        "sampling_gflop_per_caption": t["gflop_per_caption"],
+        "sampling_gflops": t["gflops"],
+    }
 
 
 def caption_all(pipe: CaptionPipeline, ev: SplitSet, **sampler) -> tuple[dict[str, str], float]:
@@ -283,14 +355,19 @@ def caption_all(pipe: CaptionPipeline, ev: SplitSet, **sampler) -> tuple[dict[st
 def machine_matmul(cfg: Config) -> dict[str, Any]:
     seq = cfg.text.max_length + (max(cfg.model.cond_tokens, 1) if cfg.model.fusion == "concat" else 0)
     m, k, n = THROUGHPUT_BATCH * seq, cfg.model.d_model, 4 * cfg.model.d_model
-    return {"shape": [m, k, n], "float32": matmul_gflops(m, k, n, torch.float32),
-            "bfloat16": matmul_gflops(m, k, n, torch.bfloat16),
-            "note": "(64*seq, d_model) @ (d_model, 4*d_model), the denoiser's feed-forward shape"}
+    return {
+        "shape": [m, k, n],
+        "float32": matmul_gflops(m, k, n, torch.float32),
+        "bfloat16": matmul_gflops(m, k, n, torch.bfloat16),
+        "note": "(64*seq, d_model) @ (d_model, 4*d_model), the denoiser's feed-forward shape",
+    }
 
 
 def samples(ev: SplitSet, predictions: dict[str, str], n: int = 3) -> list[dict[str, str]]:
-    return [{"image_id": i, "condition": c, "prediction": predictions[i]}
-            for i, c in list(zip(ev.image_ids, ev.conditions))[:n]]
+    return [
+        {"image_id": i, "condition": c, "prediction": predictions[i]}
+        for i, c in list(zip(ev.image_ids, ev.conditions))[:n]
+    ]
 
 
 def run_human(ev: SplitSet, out_dir: Path) -> dict:
@@ -310,8 +387,10 @@ def nearest_neighbour(train: SplitSet, ev: SplitSet) -> tuple[dict[str, str], to
 def run_retrieval(train: SplitSet, ev: SplitSet, out_dir: Path) -> dict:
     predictions, best_sim = nearest_neighbour(train, ev)
     write_coco_results(out_dir / "predictions" / "retrieval.json", predictions)
-    return score(predictions, ev.references) | {"mean_top1_cosine": float(best_sim.mean()),
-                                                "samples": samples(ev, predictions)}
+    return score(predictions, ev.references) | {
+        "mean_top1_cosine": float(best_sim.mean()),
+        "samples": samples(ev, predictions),
+    }
 
 
 def evaluate_neural(run_dir: Path, ev: SplitSet, out_dir: Path, name: str) -> tuple[dict, CaptionPipeline]:
@@ -332,8 +411,9 @@ def diffusion_nfe(cfg: Config, steps: int) -> int:
     return steps * (2 if cfg.sampler.guidance_scale != 1.0 else 1)
 
 
-def diffusion_by_steps(pipe: CaptionPipeline, ev: SplitSet, steps_list: Sequence[int], out_dir: Path,
-                       main: dict) -> list[dict]:
+def diffusion_by_steps(
+    pipe: CaptionPipeline, ev: SplitSet, steps_list: Sequence[int], out_dir: Path, main: dict
+) -> list[dict]:
     rows = []
     for steps in steps_list:
         if steps == pipe.cfg.sampler.steps:  # already measured at the run's own setting
@@ -345,9 +425,24 @@ def diffusion_by_steps(pipe: CaptionPipeline, ev: SplitSet, steps_list: Sequence
             r = score(predictions, ev.references) | {"eval_captioning_s": eval_s}
             r["latency_b1_s"] = latency(pipe, ev.features, LATENCY_IMAGES, steps=steps)[0]
             r |= speed(pipe, ev.features, steps=steps)
-        rows.append({"steps": steps, "nfe": diffusion_nfe(pipe.cfg, steps),
-                     **{k: r[k] for k in ("CIDEr", "BLEU-4", "METEOR", "ROUGE_L", "latency_b1_s", "throughput_b64",
-                                          "sampling_gflops")}})
+        rows.append(
+            {
+                "steps": steps,
+                "nfe": diffusion_nfe(pipe.cfg, steps),
+                **{
+                    k: r[k]
+                    for k in (
+                        "CIDEr",
+                        "BLEU-4",
+                        "METEOR",
+                        "ROUGE_L",
+                        "latency_b1_s",
+                        "throughput_b64",
+                        "sampling_gflops",
+                    )
+                },
+            }
+        )
     return rows
 
 
@@ -372,12 +467,17 @@ def markdown(results: dict) -> str:
         lines += ["| " + " | ".join(_fmt(row[c]) for c in cols) + " |" for row in results["diffusion_by_steps"]]
     if results.get("diffusion_teacher"):
         teacher = results["diffusion_teacher"]
-        lines += ["", f"Its distillation teacher (beam {teacher['beam']}): BLEU-4 {_fmt(teacher['BLEU-4'])}, "
-                      f"CIDEr {_fmt(teacher['CIDEr'])}."]
+        lines += [
+            "",
+            f"Its distillation teacher (beam {teacher['beam']}): BLEU-4 {_fmt(teacher['BLEU-4'])}, "
+            f"CIDEr {_fmt(teacher['CIDEr'])}.",
+        ]
     if results.get("diffusion_without_collapse"):
         raw = results["diffusion_without_collapse"]
-        lines += ["", f"Diffusion without collapsing repeated tokens: BLEU-4 {_fmt(raw['BLEU-4'])}, "
-                      f"CIDEr {_fmt(raw['CIDEr'])}."]
+        lines += [
+            "",
+            f"Diffusion without collapsing repeated tokens: BLEU-4 {_fmt(raw['BLEU-4'])}, CIDEr {_fmt(raw['CIDEr'])}.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -409,12 +509,15 @@ class ProxyOptions:
 def run_proxy(opts: ProxyOptions) -> dict:
     """Run the benchmark (or, with ``prepare_only``, write its data folder); returns results.json's content."""
     tokenizer_dir = minilm_dir()
-    configs = {"diffusion": build_config("diffusion", opts.diffusion_set, tokenizer_dir),
-               "autoregressive": build_config("autoregressive", opts.ar_set, tokenizer_dir)}
+    configs = {
+        "diffusion": build_config("diffusion", opts.diffusion_set, tokenizer_dir),
+        "autoregressive": build_config("autoregressive", opts.ar_set, tokenizer_dir),
+    }
     bad = [s for s in opts.steps_list if s > configs["diffusion"].diffusion.num_timesteps]
     if bad:
-        raise ConfigError(f"--steps-list {bad} exceeds diffusion.num_timesteps="
-                          f"{configs['diffusion'].diffusion.num_timesteps}")
+        raise ConfigError(
+            f"--steps-list {bad} exceeds diffusion.num_timesteps={configs['diffusion'].diffusion.num_timesteps}"
+        )
     eval_data = opts.eval_data or opts.data
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     out_dir = opts.out.parent
@@ -424,8 +527,9 @@ def run_proxy(opts: ProxyOptions) -> dict:
     layout = read_layout("flickr8k", opts.data)
     train = load_split_set(opts.data, "train", opts.work, layout=layout)
     ev = load_split_set(eval_data, opts.split, opts.work, opts.max_eval_images, layout if same_folder else None)
-    contract = write_contract(cache_folder(opts.work, opts.data),
-                              [train] + ([ev] if same_folder and opts.split != "train" else []))
+    contract = write_contract(
+        cache_folder(opts.work, opts.data), [train] + ([ev] if same_folder and opts.split != "train" else [])
+    )
     rss["data"] = peak_rss_mib()
     say(f"train: {len(train.image_ids)} images; {opts.split}: {len(ev.image_ids)} images scored")
     if opts.prepare_only:
@@ -458,8 +562,9 @@ def run_proxy(opts: ProxyOptions) -> dict:
             cfg.data.train_split = "train"
             cfg.data.val_split = opts.split if same_folder and opts.split != "train" else "none"
             if name == "diffusion" and opts.distill_share > 0:
-                run_dir, info = train_distilled(cfg, configs["autoregressive"], budget_s, opts.distill_share, runs,
-                                                opts.distill_beam)
+                run_dir, info = train_distilled(
+                    cfg, configs["autoregressive"], budget_s, opts.distill_share, runs, opts.distill_beam
+                )
             else:
                 say(f"{name}: training for {opts.budget_min:g} min")
                 run_dir, info = train_method(cfg, budget_s, runs, name)
@@ -492,11 +597,18 @@ def run_proxy(opts: ProxyOptions) -> dict:
     results["sampling_gflops"] = sampling_gflops
     results["peak_rss_mib"] = rss | {"note": "process peak RSS (ru_maxrss) after each phase, MiB; monotone"}
     results |= {
-        "machine": machine_info(), "command": opts.command, "date": datetime.now(timezone.utc).isoformat(),
-        "split": opts.split, "data": str(opts.data), "eval_data": str(eval_data),
-        "n_train_images": len(train.image_ids), "n_eval_images": len(ev.image_ids),
+        "machine": machine_info(),
+        "command": opts.command,
+        "date": datetime.now(timezone.utc).isoformat(),
+        "split": opts.split,
+        "data": str(opts.data),
+        "eval_data": str(eval_data),
+        "n_train_images": len(train.image_ids),
+        "n_eval_images": len(ev.image_ids),
         "condition": f"{ENCODER_NAME} embedding of caption #0; references captions #1..#4",
-        "budget_min": opts.budget_min, "distill_share": opts.distill_share, "distill_beam": opts.distill_beam,
+        "budget_min": opts.budget_min,
+        "distill_share": opts.distill_share,
+        "distill_beam": opts.distill_beam,
         "configs": trained,
     }
     write_json(opts.out, results)

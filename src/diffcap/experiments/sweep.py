@@ -31,6 +31,7 @@ spent before the stop, so its timings are not comparable with those of an uninte
 ``OUT/results.md`` and ``OUT/results.csv`` is rewritten (atomically), and with several sampling
 steps and matplotlib installed, ``OUT/cider_vs_steps.png``.
 """
+
 from __future__ import annotations
 
 import csv
@@ -52,10 +53,36 @@ from .timing import latency, throughput, tile
 
 log = logging.getLogger(__name__)
 
-TABLE = ("name", "sampler", "steps", "CIDEr", "BLEU-4", "METEOR", "ROUGE_L", "train_s", "train_steps",
-         "resumed", "captions_per_s", "s_per_caption_b1", "settings")
-_SWEEP_KEYS = {"name", "data", "base", "overrides", "budget_s", "eval", "sampling_steps", "speed", "variants",
-               "grid", "out", "plot", "checkpoints"}
+TABLE = (
+    "name",
+    "sampler",
+    "steps",
+    "CIDEr",
+    "BLEU-4",
+    "METEOR",
+    "ROUGE_L",
+    "train_s",
+    "train_steps",
+    "resumed",
+    "captions_per_s",
+    "s_per_caption_b1",
+    "settings",
+)
+_SWEEP_KEYS = {
+    "name",
+    "data",
+    "base",
+    "overrides",
+    "budget_s",
+    "eval",
+    "sampling_steps",
+    "speed",
+    "variants",
+    "grid",
+    "out",
+    "plot",
+    "checkpoints",
+}
 _VARIANT_KEYS = {"name", "config", "overrides", "guidance", "samplers"}
 
 
@@ -139,16 +166,25 @@ def load_sweep(path: str | Path, data: str | Path | None = None, out: str | Path
         guidance = v.get("guidance") or {}
         if not isinstance(samplers, dict) or not isinstance(guidance, dict):
             raise _err(path, f"variant {v['name']!r}: 'samplers' and 'guidance' must be mappings of names")
-        variants.append(Variant(str(v["name"]), resolve(v.get("config")),
-                                _str_list(v.get("overrides"), path, f"{v['name']}.overrides"), guidance, samplers))
+        variants.append(
+            Variant(
+                str(v["name"]),
+                resolve(v.get("config")),
+                _str_list(v.get("overrides"), path, f"{v['name']}.overrides"),
+                guidance,
+                samplers,
+            )
+        )
     grid = raw.get("grid") or {}
     if grid:
         if not isinstance(grid, dict) or not all(isinstance(vals, list) and vals for vals in grid.values()):
             raise _err(path, "'grid' must map section.key to a non-empty list of values")
         keys = list(grid)
         for combo in itertools.product(*(grid[k] for k in keys)):
-            items = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
-                     for k, v in zip(keys, combo)]
+            items = [
+                f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+                for k, v in zip(keys, combo)
+            ]
             variants.append(Variant(",".join(items), overrides=items))
     if not variants:
         raise _err(path, "no 'variants' and no 'grid'")
@@ -162,11 +198,20 @@ def load_sweep(path: str | Path, data: str | Path | None = None, out: str | Path
     steps = raw.get("sampling_steps") or []
     if not isinstance(steps, list) or not all(isinstance(s, int) and s > 0 for s in steps):
         raise _err(path, "'sampling_steps' must be a list of positive integers")
-    sweep = Sweep(path=path, name=str(raw.get("name") or path.stem), data=data_dir, base=resolve(raw.get("base")),
-                  overrides=_str_list(raw.get("overrides"), path, "overrides"), variants=variants,
-                  budget_s=float(raw.get("budget_s") or 0.0), sampling_steps=steps, eval=dict(raw.get("eval") or {}),
-                  speed=dict(raw.get("speed") or {}), plot=bool(raw.get("plot", True)),
-                  checkpoints=int(raw.get("checkpoints", 4)))
+    sweep = Sweep(
+        path=path,
+        name=str(raw.get("name") or path.stem),
+        data=data_dir,
+        base=resolve(raw.get("base")),
+        overrides=_str_list(raw.get("overrides"), path, "overrides"),
+        variants=variants,
+        budget_s=float(raw.get("budget_s") or 0.0),
+        sampling_steps=steps,
+        eval=dict(raw.get("eval") or {}),
+        speed=dict(raw.get("speed") or {}),
+        plot=bool(raw.get("plot", True)),
+        checkpoints=int(raw.get("checkpoints", 4)),
+    )
     sweep.out = Path(out) if out else (resolve(raw["out"]) if raw.get("out") else Path("runs") / sweep.name)
     for v in variants:
         variant_config(sweep, v)  # fail now, not after hours of training
@@ -185,8 +230,10 @@ def variant_config(sweep: Sweep, variant: Variant) -> Config:
     for file, overrides in ((sweep.base, sweep.overrides), (variant.config, variant.overrides)):
         if file is not None:
             if not file.is_file() and not sweep.data.is_dir():
-                raise FileNotFoundError(f"{sweep.data}: the data folder of {sweep.path} does not exist "
-                                        "(docs/experiments.md gives the command that prepares it)")
+                raise FileNotFoundError(
+                    f"{sweep.data}: the data folder of {sweep.path} does not exist "
+                    "(docs/experiments.md gives the command that prepares it)"
+                )
             apply_dict(cfg, _read_yaml(file), str(file))
         for item in sub(overrides):
             apply_override(cfg, item)
@@ -207,10 +254,19 @@ def _train(sweep: Sweep, variant: Variant, run_dir: Path) -> dict:
     done = run_dir / "trained.json"
     if done.exists():
         return json.loads(done.read_text())
-    trained = train_to_budget(variant_config(sweep, variant), sweep.budget_s, run_dir, resume=True,
-                              checkpoints=sweep.checkpoints)
-    keys = ("planned_steps", "train_s", "wall_s", "resumed", "resumed_at_step", "final_loss", "params",
-            "params_trainable")
+    trained = train_to_budget(
+        variant_config(sweep, variant), sweep.budget_s, run_dir, resume=True, checkpoints=sweep.checkpoints
+    )
+    keys = (
+        "planned_steps",
+        "train_s",
+        "wall_s",
+        "resumed",
+        "resumed_at_step",
+        "final_loss",
+        "params",
+        "params_trainable",
+    )
     record = {"train_steps": trained["steps"], **{k: trained[k] for k in keys}}
     for gname, opts in variant.guidance.items():
         from ..training.guidance import train_guidance
@@ -254,15 +310,26 @@ def _evaluate(sweep: Sweep, variant: Variant, run_dir: Path, trained: dict) -> l
                 scores = coco_metrics(predictions, refs, spice="off")
             speed = throughput(pipe, feats, batch, seed=seed, **kw)
             b1, _ = latency(pipe, tile(feats, n_b1), n_b1, seed=seed, **kw)
-            rows.append({"name": variant.name, "sampler": sname, "steps": steps,
-                         **{k: scores.get(k) for k in ("CIDEr", "BLEU-4", "METEOR", "ROUGE_L")},
-                         "train_s": trained["train_s"], "train_steps": trained["train_steps"],
-                         "resumed": bool(trained.get("resumed", False)),
-                         "captions_per_s": speed["captions_per_s"], "s_per_caption_b1": b1, "eval_images": len(images),
-                         "eval_captioning_s": caption_s, "speed_batch": batch,
-                         "settings": (settings + (" " + " ".join(f"{k}={v}" for k, v in sampler.items())
-                                                  if sampler else "")).strip(),
-                         "samples": [{"image_id": i, "caption": predictions[i]} for i in images[:3]]})
+            rows.append(
+                {
+                    "name": variant.name,
+                    "sampler": sname,
+                    "steps": steps,
+                    **{k: scores.get(k) for k in ("CIDEr", "BLEU-4", "METEOR", "ROUGE_L")},
+                    "train_s": trained["train_s"],
+                    "train_steps": trained["train_steps"],
+                    "resumed": bool(trained.get("resumed", False)),
+                    "captions_per_s": speed["captions_per_s"],
+                    "s_per_caption_b1": b1,
+                    "eval_images": len(images),
+                    "eval_captioning_s": caption_s,
+                    "speed_batch": batch,
+                    "settings": (
+                        settings + (" " + " ".join(f"{k}={v}" for k, v in sampler.items()) if sampler else "")
+                    ).strip(),
+                    "samples": [{"image_id": i, "caption": predictions[i]} for i in images[:3]],
+                }
+            )
     return rows
 
 
@@ -285,12 +352,17 @@ def write_tables(sweep: Sweep, rows: list[dict], pending: list[str]) -> None:
     writer.writerows(rows)
     with atomic_output(out / "results.csv") as tmp:
         tmp.write_text(buf.getvalue())
-    lines = [f"# Sweep `{sweep.name}`", "",
-             f"Sweep file `{sweep.path}`, data `{sweep.data}`, training budget "
-             f"{f'{sweep.budget_s:g} s per variant' if sweep.budget_s else 'train.steps per variant'}; "
-             f"validation metrics on {rows[0]['eval_images'] if rows else '?'} images; "
-             f"captions/s at batch {sweep.speed.get('batch', 64)}, s/caption at batch 1.", "",
-             "| " + " | ".join(TABLE) + " |", "|---" * len(TABLE) + "|"]
+    lines = [
+        f"# Sweep `{sweep.name}`",
+        "",
+        f"Sweep file `{sweep.path}`, data `{sweep.data}`, training budget "
+        f"{f'{sweep.budget_s:g} s per variant' if sweep.budget_s else 'train.steps per variant'}; "
+        f"validation metrics on {rows[0]['eval_images'] if rows else '?'} images; "
+        f"captions/s at batch {sweep.speed.get('batch', 64)}, s/caption at batch 1.",
+        "",
+        "| " + " | ".join(TABLE) + " |",
+        "|---" * len(TABLE) + "|",
+    ]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in TABLE) + " |" for r in rows]
     if pending:
         lines += ["", f"Not finished yet: {', '.join(pending)}"]
@@ -310,8 +382,10 @@ def plot_cider_vs_steps(rows: list[dict], path: Path) -> bool:
         if getattr(plot_cider_vs_steps, "warned", False):
             return False
         plot_cider_vs_steps.warned = True
-        log.warning("matplotlib is not installed: no %s (pip install 'diffcap[plot]'); the numbers are in "
-                    "results.csv", path.name)
+        log.warning(
+            "matplotlib is not installed: no %s (pip install 'diffcap[plot]'); the numbers are in results.csv",
+            path.name,
+        )
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for key in dict.fromkeys((r["name"], r["sampler"]) for r in rows if r["steps"]):
@@ -332,23 +406,27 @@ def plot_cider_vs_steps(rows: list[dict], path: Path) -> bool:
 # ---- the sweep -----------------------------------------------------------------------------------
 
 
-def run_sweep(path: str | Path, *, out: str | Path | None = None, data: str | Path | None = None,
-              only: list[str] | None = None) -> list[dict]:
+def run_sweep(
+    path: str | Path, *, out: str | Path | None = None, data: str | Path | None = None, only: list[str] | None = None
+) -> list[dict]:
     """Run (or resume) every variant of a sweep file; returns all result rows, in sweep order."""
     import json
 
     sweep = load_sweep(path, data=data, out=out)
     captions = variant_config(sweep, sweep.variants[0]).data.captions
     if not Path(captions).is_file():
-        raise FileNotFoundError(f"{sweep.data}: no captions.jsonl or captions.csv in the data folder of {sweep.path} "
-                                "(docs/experiments.md gives the command that prepares it)")
+        raise FileNotFoundError(
+            f"{sweep.data}: no captions.jsonl or captions.csv in the data folder of {sweep.path} "
+            "(docs/experiments.md gives the command that prepares it)"
+        )
     if only:
         unknown = sorted(set(only) - {v.name for v in sweep.variants})
         if unknown:
             raise ConfigError(f"{sweep.path}: --only names unknown variants {unknown}")
     sweep.out.mkdir(parents=True, exist_ok=True)
-    write_json(sweep.out / "sweep.json", {"sweep": str(sweep.path), "data": str(sweep.data),
-                                          "command": " ".join(sys.argv)})
+    write_json(
+        sweep.out / "sweep.json", {"sweep": str(sweep.path), "data": str(sweep.data), "command": " ".join(sys.argv)}
+    )
 
     def collect() -> tuple[list[dict], list[str]]:
         rows, pending = [], []
@@ -369,11 +447,16 @@ def run_sweep(path: str | Path, *, out: str | Path | None = None, data: str | Pa
             continue
         print(f"[sweep] {v.name}: training", file=sys.stderr, flush=True)
         trained = _train(sweep, v, run_dir)
-        print(f"[sweep] {v.name}: {trained['train_steps']} steps in {trained['train_s']:.0f} s; evaluating",
-              file=sys.stderr, flush=True)
+        print(
+            f"[sweep] {v.name}: {trained['train_steps']} steps in {trained['train_s']:.0f} s; evaluating",
+            file=sys.stderr,
+            flush=True,
+        )
         rows = _evaluate(sweep, v, run_dir, trained)
-        write_json(run_dir / "result.json", {"variant": v.name, "trained": trained, "rows": rows,
-                                             "config": variant_config(sweep, v).to_dict()})
+        write_json(
+            run_dir / "result.json",
+            {"variant": v.name, "trained": trained, "rows": rows, "config": variant_config(sweep, v).to_dict()},
+        )
         write_tables(sweep, *collect())
     rows, pending = collect()
     write_tables(sweep, rows, pending)

@@ -5,6 +5,7 @@ captions per second of one full-batch call, after a first call of the same batch
 counts the FLOPs (torch.utils.flop_counter). Both are wall clock on whatever threads torch uses, so
 numbers from different machines, or from a loaded one, do not compare.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,7 +34,7 @@ def latency(pipe: CaptionPipeline, features: torch.Tensor, n: int, **sampler) ->
     times, nfes = [], []
     for i in range(n):
         t = time.perf_counter()
-        pipe(features[i:i + 1], **sampler)
+        pipe(features[i : i + 1], **sampler)
         times.append(time.perf_counter() - t)
         if hasattr(pipe.model, "last_nfe"):
             nfes.append(pipe.model.last_nfe)
@@ -50,8 +51,12 @@ def throughput(pipe: CaptionPipeline, features: torch.Tensor, batch: int, **samp
     t = time.perf_counter()
     pipe(tiled, batch_size=batch, **sampler)
     seconds = time.perf_counter() - t
-    return {"captions_per_s": batch / seconds, "batch_s": seconds, "gflop_per_caption": flops / batch / 1e9,
-            "gflops": flops / seconds / 1e9}
+    return {
+        "captions_per_s": batch / seconds,
+        "batch_s": seconds,
+        "gflop_per_caption": flops / batch / 1e9,
+        "gflops": flops / seconds / 1e9,
+    }
 
 
 def matmul_gflops(m: int, k: int, n: int, dtype: torch.dtype, min_s: float = 0.3) -> float:
@@ -72,8 +77,13 @@ def peak_rss_mib() -> float:
 
 
 def machine_info() -> dict[str, Any]:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "python": platform.python_version()}
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "python": platform.python_version(),
+    }

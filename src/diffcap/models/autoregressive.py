@@ -16,6 +16,7 @@ The decoder is plain torch (``nn.Linear`` projections and ``scaled_dot_product_a
 than a transformers model so that the key/value cache is a preallocated tensor per layer: every
 generated token costs one forward over one position.
 """
+
 from __future__ import annotations
 
 import math
@@ -55,8 +56,8 @@ class KVCache:
             shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
             self.k[layer] = k.new_empty(shape)
             self.v[layer] = v.new_empty(shape)
-        self.k[layer][:, :, self.length:end] = k
-        self.v[layer][:, :, self.length:end] = v
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def advance(self, n: int) -> None:
@@ -70,8 +71,9 @@ class KVCache:
                     buffers[i] = buf.index_select(0, index)
 
 
-def prefix_lm_mask(n_prefix: int, q_start: int, q_len: int, k_len: int,
-                   device: torch.device | None = None) -> torch.Tensor | None:
+def prefix_lm_mask(
+    n_prefix: int, q_start: int, q_len: int, k_len: int, device: torch.device | None = None
+) -> torch.Tensor | None:
     """Boolean [q_len x k_len] mask, True = may attend, for queries at absolute positions q_start...
 
     Key j is visible to query i when j is in the prefix (j < n_prefix) or j <= i. A prefix query
@@ -96,15 +98,15 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(d_model, d_model)
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None = None,
-                layer: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
         """x: [B x T x D]; mask: [T x T_keys] bool or None -> [B x T x D]."""
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(b, t, d))
 
 
@@ -119,8 +121,9 @@ class DecoderBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d_model, ffn_dim), nn.GELU(), nn.Linear(ffn_dim, d_model))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None = None,
-                layer: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
         x = x + self.drop(self.attn(self.ln1(x), mask, cache, layer))
         return x + self.drop(self.mlp(self.ln2(x)))
 
@@ -132,8 +135,9 @@ class _Stepper:
     cached path is tested against); with it, one position per step. ``nfe`` counts decoder forwards.
     """
 
-    def __init__(self, model: AutoregressiveCaptioner, prefix: torch.Tensor, bos_id: int, max_length: int,
-                 use_cache: bool):
+    def __init__(
+        self, model: AutoregressiveCaptioner, prefix: torch.Tensor, bos_id: int, max_length: int, use_cache: bool
+    ):
         self.model = model
         self.prefix = prefix  # [B x N x D], already projected and position-embedded
         self.n_prefix = prefix.shape[1]
@@ -195,8 +199,17 @@ class AutoregressiveCaptioner(Captioner):
     # Greedy and beam search draw nothing at random, so no seed; the rest of SamplerConfig is diffusion's.
     sampler_fields = frozenset({"beam_size", "precision"})
 
-    def __init__(self, cfg: ModelConfig, *, vocab_size: int, seq_len: int, backbone_config: dict | None = None,
-                 bos_id: int | None = None, eos_id: int | None = None, pad_id: int | None = None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        vocab_size: int,
+        seq_len: int,
+        backbone_config: dict | None = None,
+        bos_id: int | None = None,
+        eos_id: int | None = None,
+        pad_id: int | None = None,
+    ):
         super().__init__()
         if cfg.backbone:
             raise ValueError("the autoregressive captioner has no pretrained backbone: set model.backbone to null")
@@ -211,8 +224,10 @@ class AutoregressiveCaptioner(Captioner):
         self.eos_id = eos_id if eos_id is not None else saved.get("eos_id")
         self.pad_id = pad_id if pad_id is not None else saved.get("pad_id")
         if None in (self.bos_id, self.eos_id, self.pad_id):
-            raise ValueError("AutoregressiveCaptioner needs bos_id, eos_id and pad_id (from the tokenizer) "
-                             "or a backbone_config saved by body_config()")
+            raise ValueError(
+                "AutoregressiveCaptioner needs bos_id, eos_id and pad_id (from the tokenizer) "
+                "or a backbone_config saved by body_config()"
+            )
         # The saved architecture wins, as a saved transformers config does for the diffusion body.
         d, n_layers, n_heads = (saved.get(k, getattr(cfg, k)) for k in ("d_model", "n_layers", "n_heads"))
         self.d_model = d
@@ -257,10 +272,19 @@ class AutoregressiveCaptioner(Captioner):
     def body_config(self) -> dict:
         """The decoder's architecture and special ids, saved so :meth:`__init__` can rebuild it offline."""
         return {
-            "model_type": MODEL_TYPE, "d_model": self.d_model, "n_layers": len(self.blocks),
-            "n_heads": self.blocks[0].attn.n_heads, "ffn_dim": self.ffn_dim, "vocab_size": self.vocab_size,
-            "seq_len": self.seq_len, "cond_dim": self.cond_dim, "cond_tokens": self.cond_tokens,
-            "attention_mask": "prefix_lm", "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id,
+            "model_type": MODEL_TYPE,
+            "d_model": self.d_model,
+            "n_layers": len(self.blocks),
+            "n_heads": self.blocks[0].attn.n_heads,
+            "ffn_dim": self.ffn_dim,
+            "vocab_size": self.vocab_size,
+            "seq_len": self.seq_len,
+            "cond_dim": self.cond_dim,
+            "cond_tokens": self.cond_tokens,
+            "attention_mask": "prefix_lm",
+            "bos_id": self.bos_id,
+            "eos_id": self.eos_id,
+            "pad_id": self.pad_id,
         }
 
     def embed_prefix(self, cond: torch.Tensor) -> torch.Tensor:
@@ -272,7 +296,7 @@ class AutoregressiveCaptioner(Captioner):
 
     def embed_tokens(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
         """Token ids [B x T] at caption positions start..start+T-1 -> [B x T x D]."""
-        return self.token_embedding(tokens) + self.token_pos[start:start + tokens.shape[1]]
+        return self.token_embedding(tokens) + self.token_pos[start : start + tokens.shape[1]]
 
     def decode(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
         """Run the blocks over [B x T x D] inputs (new positions only when cached) -> [B x T x D]."""
@@ -354,20 +378,30 @@ class AutoregressiveCaptioner(Captioner):
         return {"loss": float(self.loss(ids, features)["loss"])}
 
     # ---- generation ------------------------------------------------------------------------------
-    def generate(self, features, sampler_cfg: SamplerConfig, *, generator=None, trajectory=False,
-                 classifier=None) -> Generation:
+    def generate(
+        self, features, sampler_cfg: SamplerConfig, *, generator=None, trajectory=False, classifier=None
+    ) -> Generation:
         """Greedy decoding (``sampler_cfg.beam_size`` 1) or beam search up to ``seq_len`` words. Both
         are deterministic, so ``generator`` is never drawn from."""
         if trajectory:
-            raise ValueError("the autoregressive captioner writes left to right: it has no trajectory of "
-                             "refined estimates (trajectory=True needs a diffusion run)")
+            raise ValueError(
+                "the autoregressive captioner writes left to right: it has no trajectory of "
+                "refined estimates (trajectory=True needs a diffusion run)"
+            )
         if classifier is not None:
             raise ValueError("classifier guidance steers a diffusion sampler, not the autoregressive captioner")
         return Generation(self.search(features, max_length=self.seq_len, beam_size=sampler_cfg.beam_size))
 
     @torch.no_grad()
-    def search(self, features: torch.Tensor, *, max_length: int, beam_size: int = 1, use_cache: bool = True,
-               length_penalty: float = 1.0) -> torch.Tensor:
+    def search(
+        self,
+        features: torch.Tensor,
+        *,
+        max_length: int,
+        beam_size: int = 1,
+        use_cache: bool = True,
+        length_penalty: float = 1.0,
+    ) -> torch.Tensor:
         """Decode captions: greedy for beam_size 1, beam search otherwise.
 
         Args:
@@ -420,8 +454,9 @@ def greedy_search(stepper: _Stepper, max_length: int, eos_id: int, pad_id: int, 
     return out
 
 
-def beam_search(stepper: _Stepper, max_length: int, eos_id: int, pad_id: int, banned: list[int], k: int,
-                length_penalty: float) -> torch.Tensor:
+def beam_search(
+    stepper: _Stepper, max_length: int, eos_id: int, pad_id: int, banned: list[int], k: int, length_penalty: float
+) -> torch.Tensor:
     """Standard beam search with length-normalised finished hypotheses (as in HF transformers).
 
     Live beams are ranked by their summed log-probability; a candidate ending in EOS among the

@@ -5,6 +5,7 @@ A captioner owns its weights and everything that decides how it learns and how i
 the diffusion captioner its forward process and sampler, the autoregressive one its teacher forcing
 and search. Code outside :mod:`diffcap.models` uses only what is declared here.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -52,8 +53,9 @@ class Captioner(nn.Module):
         """Called once before training with the training captions [N x L]; a captioner may limit what
         it generates to their tokens. The default allows every token."""
 
-    def training_losses(self, ids: torch.Tensor, features: torch.Tensor, *, noise=None,
-                        net: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    def training_losses(
+        self, ids: torch.Tensor, features: torch.Tensor, *, noise=None, net: nn.Module | None = None
+    ) -> dict[str, torch.Tensor]:
         """Losses of one batch: the scalar ``loss`` (what is minimised) and its named scalar terms, plus
         ``per_sample`` values (detached) that tell which captions a non-finite loss came from.
 
@@ -72,9 +74,15 @@ class Captioner(nn.Module):
         """Held-out losses by name (logged as ``val/<name>``); may draw from the global torch RNG."""
         raise NotImplementedError
 
-    def generate(self, features: torch.Tensor, sampler_cfg: SamplerConfig, *,
-                 generator: torch.Generator | None = None, trajectory: bool = False,
-                 classifier: nn.Module | None = None) -> Generation:
+    def generate(
+        self,
+        features: torch.Tensor,
+        sampler_cfg: SamplerConfig,
+        *,
+        generator: torch.Generator | None = None,
+        trajectory: bool = False,
+        classifier: nn.Module | None = None,
+    ) -> Generation:
         """Captions for features [B x ...] as ids, under the settings of ``sampler_cfg``.
 
         ``generator`` is the source of every random draw, ``trajectory`` asks for the intermediate

@@ -4,6 +4,7 @@ the condition tokens [B x N x C] (:meth:`Captioner.encode_condition` turns featu
 The shape itself comes from the feature file and is written into the config by
 :func:`diffcap.config.resolve`; a model only reads it.
 """
+
 from __future__ import annotations
 
 from ..config import CNN_IMAGE_SIZE, CNN_TOKENS, CNN_WIDTH, ConfigError, ModelConfig
@@ -19,8 +20,10 @@ def condition_shape(cfg: ModelConfig) -> tuple[int, int]:
     if cfg.image_encoder == "cnn":
         return CNN_TOKENS, CNN_WIDTH
     if cfg.cond_dim <= 0 or cfg.cond_tokens <= 0:
-        raise ConfigError("model.cond_dim and model.cond_tokens must be set (diffcap.config.resolve fills them in "
-                          "from the feature file)")
+        raise ConfigError(
+            "model.cond_dim and model.cond_tokens must be set (diffcap.config.resolve fills them in "
+            "from the feature file)"
+        )
     return cfg.cond_tokens, cfg.cond_dim
 
 

@@ -4,6 +4,7 @@ It knows nothing about noise schedules. The body is a transformers BERT-family e
 from a config (random initialisation) or loaded with ``from_pretrained`` (DistilBERT in the seed), fed
 through ``inputs_embeds`` so that it adds its own position embeddings.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,16 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return nn.functional.pad(emb, (0, dim % 2))
 
 
-def build_body(*, d_model: int, n_layers: int, n_heads: int, dropout: float, max_positions: int,
-               backbone: str | None, body_config: dict | None = None) -> nn.Module:
+def build_body(
+    *,
+    d_model: int,
+    n_layers: int,
+    n_heads: int,
+    dropout: float,
+    max_positions: int,
+    backbone: str | None,
+    body_config: dict | None = None,
+) -> nn.Module:
     """A transformers encoder used through ``inputs_embeds``; its word-embedding table is dropped.
 
     ``body_config`` (a saved ``config.to_dict()``) rebuilds a pretrained body's architecture without
@@ -37,9 +46,15 @@ def build_body(*, d_model: int, n_layers: int, n_heads: int, dropout: float, max
         body = AutoModel.from_pretrained(backbone)
     else:
         config = BertConfig(
-            vocab_size=1, hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=n_heads,
-            intermediate_size=4 * d_model, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
-            max_position_embeddings=max_positions, type_vocab_size=1,
+            vocab_size=1,
+            hidden_size=d_model,
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            intermediate_size=4 * d_model,
+            hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=dropout,
+            max_position_embeddings=max_positions,
+            type_vocab_size=1,
         )
         body = BertModel(config, add_pooling_layer=False)
     # The denoiser feeds vectors, never ids: a 1-row table keeps the checkpoint small, and freezing it
@@ -63,13 +78,34 @@ class TransformerDenoiser(nn.Module):
         time_embedding: add a sinusoidal timestep embedding (the seed's early models had none).
     """
 
-    def __init__(self, *, emb_dim: int, cond_dim: int, seq_len: int, max_cond_tokens: int,
-                 d_model: int = 256, n_layers: int = 4, n_heads: int = 4, dropout: float = 0.1,
-                 fusion: str = "concat", self_condition: bool = True, time_embedding: bool = True,
-                 backbone: str | None = None, body_config: dict | None = None, out_dim: int | None = None):
+    def __init__(
+        self,
+        *,
+        emb_dim: int,
+        cond_dim: int,
+        seq_len: int,
+        max_cond_tokens: int,
+        d_model: int = 256,
+        n_layers: int = 4,
+        n_heads: int = 4,
+        dropout: float = 0.1,
+        fusion: str = "concat",
+        self_condition: bool = True,
+        time_embedding: bool = True,
+        backbone: str | None = None,
+        body_config: dict | None = None,
+        out_dim: int | None = None,
+    ):
         super().__init__()
-        self.body = build_body(d_model=d_model, n_layers=n_layers, n_heads=n_heads, dropout=dropout,
-                               max_positions=seq_len + max_cond_tokens, backbone=backbone, body_config=body_config)
+        self.body = build_body(
+            d_model=d_model,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            dropout=dropout,
+            max_positions=seq_len + max_cond_tokens,
+            backbone=backbone,
+            body_config=body_config,
+        )
         d_model = self.body.config.hidden_size  # a pretrained backbone fixes the width
         self.d_model = d_model
         self.fusion = fusion
@@ -82,13 +118,20 @@ class TransformerDenoiser(nn.Module):
         self.null_cond = nn.Parameter(torch.zeros(d_model))
         self.time_mlp = (
             nn.Sequential(nn.Linear(d_model, d_model), nn.SiLU(), nn.Linear(d_model, d_model))
-            if time_embedding else None
+            if time_embedding
+            else None
         )
         self.segment = nn.Embedding(2, d_model) if fusion == "concat" else None
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
-                self_cond: torch.Tensor | None = None, drop_cond: torch.Tensor | None = None,
-                project: bool = True) -> torch.Tensor:
+    def forward(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        cond: torch.Tensor,
+        self_cond: torch.Tensor | None = None,
+        drop_cond: torch.Tensor | None = None,
+        project: bool = True,
+    ) -> torch.Tensor:
         """
         Args:
             x_t: [B x L x D] noisy embeddings.

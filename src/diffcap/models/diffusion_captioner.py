@@ -1,5 +1,6 @@
 """The diffusion captioner: word embeddings + optional image encoder + transformer denoiser, trained and
 sampled through Gaussian diffusion over the word embeddings (Diffusion-LM, arXiv 2205.14217)."""
+
 from __future__ import annotations
 
 import torch
@@ -28,14 +29,24 @@ class DiffusionCaptioner(Captioner):
     iterative = True  # generation refines all positions over sampler.steps
     sampler_fields = SAMPLER_FIELDS - {"beam_size"}
 
-    def __init__(self, cfg: ModelConfig, diffusion_cfg: DiffusionConfig | None = None, *, vocab_size: int,
-                 seq_len: int, pad_id: int = 0, pretrained: bool = True, backbone_config: dict | None = None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        diffusion_cfg: DiffusionConfig | None = None,
+        *,
+        vocab_size: int,
+        seq_len: int,
+        pad_id: int = 0,
+        pretrained: bool = True,
+        backbone_config: dict | None = None,
+    ):
         super().__init__()
         self.cfg = cfg
         self.seq_len, self.pad_id = seq_len, pad_id
         if cfg.embedding == "learned":
-            self.embedding = TokenEmbedding(vocab_size=vocab_size, dim=cfg.emb_dim, normalize=cfg.emb_normalize,
-                                            scale=cfg.emb_scale)
+            self.embedding = TokenEmbedding(
+                vocab_size=vocab_size, dim=cfg.emb_dim, normalize=cfg.emb_normalize, scale=cfg.emb_scale
+            )
         else:
             table = load_pretrained_embeddings(cfg.embedding) if pretrained else torch.zeros(vocab_size, cfg.emb_dim)
             if table.shape[0] != vocab_size:
@@ -44,23 +55,42 @@ class DiffusionCaptioner(Captioner):
                     f"{vocab_size} tokens: use the same checkpoint for text.tokenizer"
                 )
             if table.shape[1] != cfg.emb_dim:
-                raise ConfigError(f"model.embedding={cfg.embedding!r} is {table.shape[1]} wide, not "
-                                  f"model.emb_dim={cfg.emb_dim}: resolve the config (diffcap.config.resolve)")
-            self.embedding = TokenEmbedding(vocab_size=vocab_size, dim=table.shape[1], normalize=cfg.emb_normalize,
-                                            scale=cfg.emb_scale, trainable=False, init=table)
+                raise ConfigError(
+                    f"model.embedding={cfg.embedding!r} is {table.shape[1]} wide, not "
+                    f"model.emb_dim={cfg.emb_dim}: resolve the config (diffcap.config.resolve)"
+                )
+            self.embedding = TokenEmbedding(
+                vocab_size=vocab_size,
+                dim=table.shape[1],
+                normalize=cfg.emb_normalize,
+                scale=cfg.emb_scale,
+                trainable=False,
+                init=table,
+            )
         self._head_cache = None  # the score head's allowed rows while sampling (cached_while_unchanged)
         self.image_encoder = make_image_encoder(cfg)
         cond_tokens, cond_dim = condition_shape(cfg)
         self.denoiser = TransformerDenoiser(
-            emb_dim=cfg.emb_dim, cond_dim=cond_dim, seq_len=seq_len, max_cond_tokens=cond_tokens,
-            d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads, dropout=cfg.dropout,
-            fusion=cfg.fusion, self_condition=cfg.self_condition, time_embedding=cfg.time_embedding,
-            backbone=cfg.backbone if pretrained else None, body_config=backbone_config,
+            emb_dim=cfg.emb_dim,
+            cond_dim=cond_dim,
+            seq_len=seq_len,
+            max_cond_tokens=cond_tokens,
+            d_model=cfg.d_model,
+            n_layers=cfg.n_layers,
+            n_heads=cfg.n_heads,
+            dropout=cfg.dropout,
+            fusion=cfg.fusion,
+            self_condition=cfg.self_condition,
+            time_embedding=cfg.time_embedding,
+            backbone=cfg.backbone if pretrained else None,
+            body_config=backbone_config,
             out_dim=vocab_size if cfg.score_interpolation and cfg.score_head == "separate" else None,
         )
         if self.denoiser.d_model != cfg.d_model:
-            raise ConfigError(f"the transformer body is {self.denoiser.d_model} wide, not model.d_model={cfg.d_model}: "
-                              "resolve the config (diffcap.config.resolve)")
+            raise ConfigError(
+                f"the transformer body is {self.denoiser.d_model} wide, not model.d_model={cfg.d_model}: "
+                "resolve the config (diffcap.config.resolve)"
+            )
         self.diffusion = GaussianDiffusion(diffusion_cfg or DiffusionConfig())
 
     def body_config(self) -> dict:
@@ -84,8 +114,12 @@ class DiffusionCaptioner(Captioner):
         else:
             h = self.denoiser(x_t, t, cond, self_cond=self_cond, drop_cond=drop_cond, project=False)
             head = self.denoiser.out_proj
-            weight, bias = cached_while_unchanged(self, "_head_cache", (head.weight, head.bias, self.embedding.allowed),
-                                                  lambda: (head.weight[ids], head.bias[ids]))
+            weight, bias = cached_while_unchanged(
+                self,
+                "_head_cache",
+                (head.weight, head.bias, self.embedding.allowed),
+                lambda: (head.weight[ids], head.bias[ids]),
+            )
             logits = nn.functional.linear(h, weight, bias).float()  # (B, L, A)
         out = logits.softmax(dim=-1) @ rows
         return (out, logits) if return_logits else out
@@ -110,8 +144,9 @@ class DiffusionCaptioner(Captioner):
         return losses
 
     @torch.no_grad()
-    def generate(self, features, sampler_cfg: SamplerConfig, *, generator=None, trajectory=False,
-                 classifier=None) -> Generation:
+    def generate(
+        self, features, sampler_cfg: SamplerConfig, *, generator=None, trajectory=False, classifier=None
+    ) -> Generation:
         sampler = Sampler(self, self.diffusion, sampler_cfg, self.seq_len, self.pad_id, classifier=classifier)
         out = sampler.sample(features, generator, trajectory)
         return Generation(out.ids, out.trajectory)

@@ -8,6 +8,7 @@ Two settings from the seed:
 The rounding head is tied to the table and has no bias: logits = x @ E^T. The seed found a bias-free
 projection better "since input used no bias", and tying keeps the embedding and rounding consistent.
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,8 +36,16 @@ class TokenEmbedding(nn.Module):
         init: optional (V, D) initial table, e.g. pretrained embeddings.
     """
 
-    def __init__(self, *, vocab_size: int, dim: int, normalize: bool = True, scale: float = 1.0,
-                 trainable: bool = True, init: torch.Tensor | None = None):
+    def __init__(
+        self,
+        *,
+        vocab_size: int,
+        dim: int,
+        normalize: bool = True,
+        scale: float = 1.0,
+        trainable: bool = True,
+        init: torch.Tensor | None = None,
+    ):
         super().__init__()
         table = torch.randn(vocab_size, dim) if init is None else init.clone().float()
         if table.shape != (vocab_size, dim):
@@ -95,8 +104,9 @@ class TokenEmbedding(nn.Module):
         ids = self.allowed.nonzero().squeeze(1)
         return ids, self._normalized(self.weight[ids])
 
-    def _nearest(self, x: torch.Tensor, content: torch.Tensor | None = None,
-                 pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _nearest(
+        self, x: torch.Tensor, content: torch.Tensor | None = None, pad_id: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ids, rows, best): the allowed rows and, per vector, the index of the nearest one in L2
         distance: argmin ||x - e||^2 = argmax (2 x.e - ||e||^2). With a layout ``content`` [B x L]
         (True: a word, False: padding), content positions never round to ``pad_id`` and the others

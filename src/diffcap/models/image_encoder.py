@@ -3,6 +3,7 @@
 It turns raw uint8 pixels (B, 3, H, W) into a grid of condition tokens (B, N, C), the same shape a
 CLIP patch grid has, so images enter the denoiser through the same conditioning path as features.
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,7 +31,10 @@ class ConvImageEncoder(nn.Module):
         super().__init__()
         self.net = nn.Sequential(
             # stride 2 from the first layer: full-resolution convolutions cost most of a CPU step
-            _block(4, 32, 2), _block(32, 64, 2), _block(64, width, 2), _block(width, width, 2),
+            _block(4, 32, 2),
+            _block(32, 64, 2),
+            _block(64, width, 2),
+            _block(width, width, 2),
             nn.Conv2d(width, width, 1),
         )
         grid = image_size // 16

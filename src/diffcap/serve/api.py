@@ -4,6 +4,7 @@ Every refusal is a JSON ``{"error": "..."}`` with a 4xx status that says what wa
 queue is full or a request ran past its timeout). An unexpected failure is a 500 with the exception's
 message; its traceback goes to the server's log, never to the client.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -116,8 +117,11 @@ def add_api(app: FastAPI, service: CaptionService) -> None:
             result = await asyncio.wait_for(asyncio.wrap_future(future), timeout=limits.timeout_s)
         except asyncio.TimeoutError:
             future.cancel()  # still queued: the worker skips it
-            return error(503, f"captioning did not finish within {limits.timeout_s:g} s (--timeout); "
-                              "the server is busy, try again shortly")
+            return error(
+                503,
+                f"captioning did not finish within {limits.timeout_s:g} s (--timeout); "
+                "the server is busy, try again shortly",
+            )
         return dict(result, seconds=round(time.perf_counter() - started, 4))
 
     # Registered last: any other /api/ path is a JSON 404 here, not the page's HTML one.
@@ -126,8 +130,9 @@ def add_api(app: FastAPI, service: CaptionService) -> None:
         method = {"caption": "POST", "health": "GET"}.get(path)
         if method:
             return error(405, f"{request.method} /api/{path}: use {method}")
-        return error(404, f"{request.method} /api/{path} is no endpoint; there are POST /api/caption and "
-                          "GET /api/health")
+        return error(
+            404, f"{request.method} /api/{path} is no endpoint; there are POST /api/caption and GET /api/health"
+        )
 
 
 async def _read_request(request: Request, service: CaptionService) -> tuple[str, object, dict]:
@@ -140,16 +145,20 @@ async def _read_request(request: Request, service: CaptionService) -> tuple[str,
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise InputError(f"the JSON body cannot be parsed ({exc})") from None
         if not isinstance(body, dict):
-            raise InputError("the JSON body must be an object such as {\"text\": \"a sentence\"}")
+            raise InputError('the JSON body must be an object such as {"text": "a sentence"}')
         if "image" in body:
-            raise InputError("send an image as multipart/form-data with the field 'image' "
-                             "(e.g. curl -F image=@photo.jpg)")
+            raise InputError(
+                "send an image as multipart/form-data with the field 'image' (e.g. curl -F image=@photo.jpg)"
+            )
         if "text" not in body:
             raise InputError("the JSON body has no 'text' field (images go as multipart, field 'image')")
         return "text", check_text(body.pop("text"), limits), body
     if content_type not in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        raise InputError(f"send multipart/form-data with a field 'image', or JSON with a field 'text' "
-                         f"(got content type {content_type or 'none'})", 415)
+        raise InputError(
+            f"send multipart/form-data with a field 'image', or JSON with a field 'text' "
+            f"(got content type {content_type or 'none'})",
+            415,
+        )
     try:
         form = await request.form(max_files=1, max_fields=len(SETTINGS) + 2)
     except HTTPException as exc:
@@ -178,4 +187,3 @@ async def _read_request(request: Request, service: CaptionService) -> tuple[str,
     if text is not None:
         return "text", check_text(text, limits), fields
     raise InputError("the request has no 'image' file field (or 'text' for a text-conditioned run)")
-

@@ -9,6 +9,7 @@ its settings, so no request waits behind a stream of newer ones.
 One worker thread runs the batches, one at a time: the network already uses every core, and a second
 batch running beside it would only slow both.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,8 +38,14 @@ class BatchQueue:
     ``max_batch`` items of one key, after waiting at most ``max_wait_s`` for the batch to fill.
     ``max_batch=1`` turns batching off: every request is its own call."""
 
-    def __init__(self, run_batch: Callable[[Hashable, list], list], *, max_batch: int = 16,
-                 max_wait_s: float = 0.005, max_queue: int = 256):
+    def __init__(
+        self,
+        run_batch: Callable[[Hashable, list], list],
+        *,
+        max_batch: int = 16,
+        max_wait_s: float = 0.005,
+        max_queue: int = 256,
+    ):
         if max_batch < 1 or max_queue < 1 or max_wait_s < 0:
             raise ValueError("max_batch and max_queue must be >= 1, max_wait_s >= 0")
         self.run_batch, self.max_batch, self.max_wait_s, self.max_queue = run_batch, max_batch, max_wait_s, max_queue

@@ -4,6 +4,7 @@
 Pixels are checked on the header alone (PIL's lazy open reads the size without decoding), so a small
 file that declares a huge image never gets its pixels allocated.
 """
+
 from __future__ import annotations
 
 import io
@@ -34,9 +35,15 @@ class Limits:
     max_queue: int = 256  # requests waiting for the network; past it the answer is 503
 
     def describe(self) -> dict:
-        return {"max_bytes": self.max_bytes, "max_pixels": self.max_pixels, "max_side": self.max_side,
-                "formats": list(self.formats), "max_text_chars": self.max_text_chars, "timeout_s": self.timeout_s,
-                "max_queue": self.max_queue}
+        return {
+            "max_bytes": self.max_bytes,
+            "max_pixels": self.max_pixels,
+            "max_side": self.max_side,
+            "formats": list(self.formats),
+            "max_text_chars": self.max_text_chars,
+            "timeout_s": self.timeout_s,
+            "max_queue": self.max_queue,
+        }
 
 
 def decode_image(data: bytes, limits: Limits) -> Image.Image:
@@ -44,8 +51,9 @@ def decode_image(data: bytes, limits: Limits) -> Image.Image:
     if not data:
         raise InputError("the uploaded image file is empty")
     if len(data) > limits.max_bytes:
-        raise InputError(f"the upload is larger than the upload limit of {limits.max_bytes} bytes (--max-upload-mb)",
-                         413)
+        raise InputError(
+            f"the upload is larger than the upload limit of {limits.max_bytes} bytes (--max-upload-mb)", 413
+        )
     accepted = ", ".join(limits.formats)
     # Pillow warns above its own pixel limit and raises far above it; both are refusals here.
     with warnings.catch_warnings():
@@ -60,11 +68,17 @@ def decode_image(data: bytes, limits: Limits) -> Image.Image:
         if width < 1 or height < 1:
             raise InputError(f"the image is {width} x {height} pixels: it has no pixels")
         if max(width, height) > limits.max_side:
-            raise InputError(f"the image is {width} x {height} pixels: a side is longer than the limit of "
-                             f"{limits.max_side} (--max-side)", 413)
+            raise InputError(
+                f"the image is {width} x {height} pixels: a side is longer than the limit of "
+                f"{limits.max_side} (--max-side)",
+                413,
+            )
         if width * height > limits.max_pixels:
-            raise InputError(f"the image is {width} x {height} = {width * height} pixels, more than the limit "
-                             f"of {limits.max_pixels} (--max-pixels)", 413)
+            raise InputError(
+                f"the image is {width} x {height} = {width * height} pixels, more than the limit "
+                f"of {limits.max_pixels} (--max-pixels)",
+                413,
+            )
         try:
             img.load()
             return img.convert("RGB")
@@ -81,6 +95,8 @@ def check_text(text: object, limits: Limits) -> str:
     if not text:
         raise InputError("the text is empty: send the sentence to caption from")
     if len(text) > limits.max_text_chars:
-        raise InputError(f"the text has {len(text)} characters, more than the limit of {limits.max_text_chars} "
-                         "(--max-text-chars)", 413)
+        raise InputError(
+            f"the text has {len(text)} characters, more than the limit of {limits.max_text_chars} (--max-text-chars)",
+            413,
+        )
     return text

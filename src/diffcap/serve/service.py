@@ -11,6 +11,7 @@ noise tensor for the whole batch from the seed, so a caption equals ``CaptionPip
 when the request is captioned alone (always with --max-batch 1), and is the same draw's row for its place
 in a batch otherwise. The answer's ``batch_size`` says which.
 """
+
 from __future__ import annotations
 
 import logging
@@ -107,13 +108,17 @@ class RunInputs:
             from ..data.encoders import TextEncoder
 
             self.text_encoder = TextEncoder(data.encoder, kind=data.encoder_kind, device=device)
-        self.accepts = tuple(kind for kind, enc in (("image", self.image_encoder), ("text", self.text_encoder))
-                             if enc is not None)
+        self.accepts = tuple(
+            kind for kind, enc in (("image", self.image_encoder), ("text", self.text_encoder)) if enc is not None
+        )
         if not self.accepts:
-            origin = (f"{data.encoder_kind} features from {data.encoder}" if data.encoder
-                      else "features of unknown origin")
-            raise ValueError(f"this run was trained on {origin}, so the server cannot encode an upload the same way; "
-                             "serve a run whose feature file records its encoder (diffcap prepare writes it)")
+            origin = (
+                f"{data.encoder_kind} features from {data.encoder}" if data.encoder else "features of unknown origin"
+            )
+            raise ValueError(
+                f"this run was trained on {origin}, so the server cannot encode an upload the same way; "
+                "serve a run whose feature file records its encoder (diffcap prepare writes it)"
+            )
 
     def encode(self, kind: str, items: list) -> torch.Tensor:
         if kind == "text":
@@ -154,16 +159,24 @@ def example_inputs(pipe: CaptionPipeline, accepts: tuple[str, ...], n: int = 4) 
 
 
 class CaptionService:
-    def __init__(self, run_dir: str | Path, *, device: str = "cpu", limits: Limits | None = None,
-                 max_batch: int = 16, max_wait_s: float = 0.005):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        device: str = "cpu",
+        limits: Limits | None = None,
+        max_batch: int = 16,
+        max_wait_s: float = 0.005,
+    ):
         self.run_dir = Path(run_dir)
         self.limits = limits or Limits()
         self.pipe = CaptionPipeline.from_pretrained(run_dir, device=device)
         self.inputs = RunInputs(self.pipe, device)
         self.iterative = bool(self.pipe.model.iterative)
         self.examples = example_inputs(self.pipe, self.inputs.accepts)
-        self.queue = BatchQueue(self._run_batch, max_batch=max_batch, max_wait_s=max_wait_s,
-                                max_queue=self.limits.max_queue)
+        self.queue = BatchQueue(
+            self._run_batch, max_batch=max_batch, max_wait_s=max_wait_s, max_queue=self.limits.max_queue
+        )
 
     def close(self) -> None:
         self.queue.close()
@@ -173,29 +186,47 @@ class CaptionService:
         sampler = self.pipe.cfg.sampler
         if not self.iterative:
             return {}
-        return {"steps": sampler.steps, "guidance_scale": sampler.guidance_scale, "seed": sampler.seed,
-                "samples": sampler.mbr}
+        return {
+            "steps": sampler.steps,
+            "guidance_scale": sampler.guidance_scale,
+            "seed": sampler.seed,
+            "samples": sampler.mbr,
+        }
 
     def describe(self) -> dict:
         """What /api/health reports."""
-        return {"status": "ok", "run": str(self.run_dir), "kind": self.pipe.cfg.model.kind,
-                "iterative": self.iterative, "accepts": list(self.inputs.accepts), "defaults": self.defaults,
-                "limits": self.limits.describe(),
-                "batching": {"max_batch": self.queue.max_batch, "max_wait_ms": self.queue.max_wait_s * 1000,
-                             "waiting": len(self.queue), "batches": self.queue.batches, "captions": self.queue.items}}
+        return {
+            "status": "ok",
+            "run": str(self.run_dir),
+            "kind": self.pipe.cfg.model.kind,
+            "iterative": self.iterative,
+            "accepts": list(self.inputs.accepts),
+            "defaults": self.defaults,
+            "limits": self.limits.describe(),
+            "batching": {
+                "max_batch": self.queue.max_batch,
+                "max_wait_ms": self.queue.max_wait_s * 1000,
+                "waiting": len(self.queue),
+                "batches": self.queue.batches,
+                "captions": self.queue.items,
+            },
+        }
 
     def settings(self, raw: Mapping[str, object]) -> Settings:
         """Request fields -> checked Settings; an unknown field, a bad value, or a diffusion setting sent
         to an autoregressive run is an InputError naming it."""
         unknown = sorted(set(raw) - set(SETTINGS))
         if unknown:
-            raise InputError(f"unknown field(s) {', '.join(unknown)}; the fields are image or text, "
-                             f"{', '.join(SETTINGS)}")
+            raise InputError(
+                f"unknown field(s) {', '.join(unknown)}; the fields are image or text, {', '.join(SETTINGS)}"
+            )
         given = {k: v for k, v in raw.items() if v is not None and v != ""}
         diffusion_only = sorted(set(given) & {"steps", "guidance_scale", "samples", "seed"})
         if not self.iterative and diffusion_only:
-            raise InputError(f"{', '.join(diffusion_only)} apply to a diffusion run; this run is "
-                             f"{self.pipe.cfg.model.kind} and decodes deterministically")
+            raise InputError(
+                f"{', '.join(diffusion_only)} apply to a diffusion run; this run is "
+                f"{self.pipe.cfg.model.kind} and decodes deterministically"
+            )
         seed = steps = guidance = samples = None
         if self.iterative:
             seed = _as_int("seed", given["seed"]) if "seed" in given else self.pipe.cfg.sampler.seed
@@ -214,8 +245,9 @@ class CaptionService:
             if not 1 <= samples <= MAX_MBR:
                 raise InputError(f"samples must be in 1..{MAX_MBR}, got {samples}")
         trajectory = _as_bool("trajectory", given["trajectory"]) if "trajectory" in given else False
-        return Settings(seed=seed, steps=steps, guidance_scale=guidance, samples=samples,
-                        trajectory=trajectory and self.iterative)
+        return Settings(
+            seed=seed, steps=steps, guidance_scale=guidance, samples=samples, trajectory=trajectory and self.iterative
+        )
 
     def submit(self, kind: str, item: object, settings: Settings):
         """Queue one input (a PIL image or a checked sentence); a Future of the caption's dict."""

@@ -41,9 +41,7 @@ _KINDS = ("wordpiece", "word_level")
 
 def _word_level_normalizer() -> normalizers.Normalizer:
     # StripAccents only removes combining marks, so NFD must split them off first.
-    return normalizers.Sequence(
-        [normalizers.NFD(), normalizers.Lowercase(), normalizers.StripAccents()]
-    )
+    return normalizers.Sequence([normalizers.NFD(), normalizers.Lowercase(), normalizers.StripAccents()])
 
 
 def _word_level_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
@@ -65,9 +63,7 @@ def _check_texts(captions: Sequence[str]) -> list[str]:
 class CaptionTokenizer:
     """A Hugging Face fast tokenizer plus the fixed sequence length of the captioner."""
 
-    def __init__(
-        self, tokenizer: PreTrainedTokenizerFast, max_length: int = 20, kind: Kind = "wordpiece"
-    ):
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, max_length: int = 20, kind: Kind = "wordpiece"):
         if not isinstance(tokenizer, PreTrainedTokenizerFast):
             raise TypeError(f"expected a fast (Rust-backed) tokenizer, got {type(tokenizer).__name__}")
         if kind not in _KINDS:
@@ -97,9 +93,7 @@ class CaptionTokenizer:
         return cls(tokenizer, max_length=max_length, kind="wordpiece")
 
     @classmethod
-    def build_word_level(
-        cls, captions: Sequence[str], min_count: int = 1, max_length: int = 20
-    ) -> CaptionTokenizer:
+    def build_word_level(cls, captions: Sequence[str], min_count: int = 1, max_length: int = 20) -> CaptionTokenizer:
         """Build a word-level vocabulary from training captions.
 
         Words seen fewer than ``min_count`` times are left out and encode as
@@ -191,9 +185,7 @@ class CaptionTokenizer:
     def _rows(self, ids: torch.Tensor | Sequence[Sequence[int]]) -> list[list[int]]:
         if isinstance(ids, torch.Tensor):
             if ids.dim() != 2 or ids.is_floating_point() or ids.is_complex():
-                raise ValueError(
-                    f"expected an integer tensor of shape (N, L), got {ids.dtype} {tuple(ids.shape)}"
-                )
+                raise ValueError(f"expected an integer tensor of shape (N, L), got {ids.dtype} {tuple(ids.shape)}")
             rows = ids.tolist()
         else:
             rows = [[int(i) for i in row] for row in ids]
@@ -208,9 +200,7 @@ class CaptionTokenizer:
         """Caption text per row, with PAD and other special tokens dropped wherever they occur."""
         special = self.special_ids
         rows = [[i for i in row if i not in special] for row in self._rows(ids)]
-        texts = self.hf.batch_decode(
-            rows, skip_special_tokens=True, clean_up_tokenization_spaces=True
-        )
+        texts = self.hf.batch_decode(rows, skip_special_tokens=True, clean_up_tokenization_spaces=True)
         return [" ".join(text.split()) for text in texts]
 
     def decode_tokens(self, ids: torch.Tensor | Sequence[Sequence[int]]) -> list[list[str]]:

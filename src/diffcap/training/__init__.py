@@ -4,6 +4,7 @@
 use, so that ``diffcap.training.rundir`` (which CaptionPipeline reads runs with) can be imported without
 the trainer, whose validation uses CaptionPipeline.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING

@@ -13,6 +13,7 @@ splits are copied unchanged, so validation keeps scoring against the real refere
 run on it like on any captions file (``data.captions=...``). No library offers this for captioning; it
 is a short loop over :class:`~diffcap.pipeline.CaptionPipeline`.
 """
+
 from __future__ import annotations
 
 import time
@@ -22,9 +23,18 @@ from ..data.contract import CaptionRecord, DataError, FeatureStore, check_ids, r
 from ..pipeline import CaptionPipeline
 
 
-def distill_captions(teacher: str | Path, captions: str | Path, features: str | Path, out: str | Path, *,
-                     split: str = "train", keep_references: bool = False, batch_size: int = 64,
-                     device: str = "cpu", **sampler_overrides) -> dict:
+def distill_captions(
+    teacher: str | Path,
+    captions: str | Path,
+    features: str | Path,
+    out: str | Path,
+    *,
+    split: str = "train",
+    keep_references: bool = False,
+    batch_size: int = 64,
+    device: str = "cpu",
+    **sampler_overrides,
+) -> dict:
     """Caption every image of ``split`` with the ``teacher`` run and write the new captions file ``out``.
 
     ``sampler_overrides`` (beam_size=, precision=, ...) change the teacher's sampler settings. Images for
@@ -51,6 +61,14 @@ def distill_captions(teacher: str | Path, captions: str | Path, features: str | 
     own = [r for r in records if r.split == split and (keep_references or r.image_id not in taught)]
     others = [r for r in records if r.split != split]
     write_captions([CaptionRecord(i, taught[i], split) for i in ids if i in taught] + own + others, out)
-    return {"teacher": str(teacher), "split": split, "images": len(ids), "teacher_captions": len(taught),
-            "empty": len(ids) - len(taught), "kept_references": len(own), "captioning_s": seconds,
-            "mean_words": sum(len(t.split()) for t in taught.values()) / max(len(taught), 1), "out": str(out)}
+    return {
+        "teacher": str(teacher),
+        "split": split,
+        "images": len(ids),
+        "teacher_captions": len(taught),
+        "empty": len(ids) - len(taught),
+        "kept_references": len(own),
+        "captioning_s": seconds,
+        "mean_words": sum(len(t.split()) for t in taught.values()) / max(len(taught), 1),
+        "out": str(out),
+    }

@@ -5,6 +5,7 @@ to score, so the classifier sees exactly what the sampler will feed it. A guidan
 own folder of the run directory (``RUN/guidance/`` by default): ``guidance.safetensors`` (weights) and
 ``guidance.json`` (architecture and training record).
 """
+
 from __future__ import annotations
 
 import json
@@ -37,26 +38,42 @@ def load_guidance(folder: str | Path, device: str | torch.device = "cpu") -> Gui
     :class:`~diffcap.training.rundir.RunDirError` (a FileNotFoundError) naming it."""
     folder = Path(folder)
     if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
-        raise RunDirError(f"{folder}: no guidance classifier ({CONFIG} and {WEIGHTS}); train one with "
-                          f"`diffcap train-guidance --run RUN_DIR`")
+        raise RunDirError(
+            f"{folder}: no guidance classifier ({CONFIG} and {WEIGHTS}); train one with "
+            f"`diffcap train-guidance --run RUN_DIR`"
+        )
     try:
         arch = json.loads((folder / CONFIG).read_text())["architecture"]
         classifier = GuidanceClassifier(**arch)
     except (OSError, ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
-        raise RunDirError(f"{folder / CONFIG}: not a readable guidance config "
-                          f"(expected {{'architecture': {{kind, emb_dim, cond_dim, seq_len, ...}}}}): {exc!r}") from exc
+        raise RunDirError(
+            f"{folder / CONFIG}: not a readable guidance config "
+            f"(expected {{'architecture': {{kind, emb_dim, cond_dim, seq_len, ...}}}}): {exc!r}"
+        ) from exc
     weights = load_weights(folder / WEIGHTS)  # names the file if it is not readable safetensors
     try:
         classifier.load_state_dict(weights)
     except RuntimeError as exc:  # missing/unexpected keys, shape mismatch
-        raise RunDirError(f"{folder / WEIGHTS}: does not fit the classifier described by {folder / CONFIG}: "
-                          f"{exc}") from exc
+        raise RunDirError(
+            f"{folder / WEIGHTS}: does not fit the classifier described by {folder / CONFIG}: {exc}"
+        ) from exc
     return classifier.to(device).eval()
 
 
-def train_guidance(run_dir: str | Path, *, kind: str = "linear", steps: int = 500, batch_size: int = 64,
-                   lr: float = 1e-3, out: str = "guidance", seed: int = 0, d_model: int = 128, n_layers: int = 2,
-                   n_heads: int = 4, time_budget_s: float = 0.0) -> dict:
+def train_guidance(
+    run_dir: str | Path,
+    *,
+    kind: str = "linear",
+    steps: int = 500,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    out: str = "guidance",
+    seed: int = 0,
+    d_model: int = 128,
+    n_layers: int = 2,
+    n_heads: int = 4,
+    time_budget_s: float = 0.0,
+) -> dict:
     """Train a guidance classifier against a trained run's frozen embeddings and forward process.
 
     Reads the run's data files (``data.captions``/``data.features`` of its config.json) and writes
@@ -65,19 +82,31 @@ def train_guidance(run_dir: str | Path, *, kind: str = "linear", steps: int = 50
     run_dir = Path(run_dir)
     cfg, model, tokenizer = RunDir(run_dir).load_model()
     if not model.iterative:
-        raise ValueError(f"{run_dir}: classifier guidance steers an iterative (diffusion) sampler; "
-                         f"this run decodes left to right ({cfg.model.kind!r})")
+        raise ValueError(
+            f"{run_dir}: classifier guidance steers an iterative (diffusion) sampler; "
+            f"this run decodes left to right ({cfg.model.kind!r})"
+        )
     model.requires_grad_(False)
     records = read_captions(cfg.data.captions)
     store = FeatureStore.open(cfg.data.features)
     train = load_split(records, store, tokenizer, cfg.data.train_split, cfg.data.captions)
-    val = (load_split(records, store, tokenizer, cfg.data.val_split, cfg.data.captions)
-           if any(r.split == cfg.data.val_split for r in records) else None)
+    val = (
+        load_split(records, store, tokenizer, cfg.data.val_split, cfg.data.captions)
+        if any(r.split == cfg.data.val_split for r in records)
+        else None
+    )
     diffusion = GaussianDiffusion(cfg.diffusion)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    classifier = GuidanceClassifier(kind=kind, emb_dim=model.embedding.dim, cond_dim=cfg.model.cond_dim,
-                                    seq_len=cfg.text.max_length, d_model=d_model, n_layers=n_layers, n_heads=n_heads)
+    classifier = GuidanceClassifier(
+        kind=kind,
+        emb_dim=model.embedding.dim,
+        cond_dim=cfg.model.cond_dim,
+        seq_len=cfg.text.max_length,
+        d_model=d_model,
+        n_layers=n_layers,
+        n_heads=n_heads,
+    )
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=lr)
 
     def batch_of(split, idx):
@@ -104,9 +133,16 @@ def train_guidance(run_dir: str | Path, *, kind: str = "linear", steps: int = 50
         if time_budget_s and time.time() - start >= time_budget_s:
             break
     tail = max(1, len(losses) // 10)
-    record = {"kind": kind, "steps": step, "batch_size": batch_size, "lr": lr, "seed": seed,
-              "train_s": time.time() - start, "train_loss": sum(losses[-tail:]) / tail,
-              "train_accuracy": sum(accs[-tail:]) / tail}
+    record = {
+        "kind": kind,
+        "steps": step,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "train_s": time.time() - start,
+        "train_loss": sum(losses[-tail:]) / tail,
+        "train_accuracy": sum(accs[-tail:]) / tail,
+    }
     if val is not None:
         classifier.eval()
         g = torch.Generator().manual_seed(1234)

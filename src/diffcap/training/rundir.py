@@ -20,6 +20,7 @@ checkpoint.
 Weights and optimizer state are safetensors and everything else is JSON: nothing is pickled, so
 loading runs no code (torch and Accelerate would save optimizer and RNG state with pickle).
 """
+
 from __future__ import annotations
 
 import filecmp
@@ -93,8 +94,9 @@ class RunDir:
         body_config = json.loads(_require(self.path / "body_config.json").read_text())
         tokenizer = CaptionTokenizer.load(_require(self.path / "tokenizer"))
         model = build_model(cfg, tokenizer, pretrained=False, body_config=body_config)
-        weights = self.path / ("ema.safetensors" if ema and (self.path / "ema.safetensors").exists()
-                               else "model.safetensors")
+        weights = self.path / (
+            "ema.safetensors" if ema and (self.path / "ema.safetensors").exists() else "model.safetensors"
+        )
         state = load_weights(weights)
         check_shapes(weights, state, model.state_dict())
         model.load_state_dict(state)
@@ -156,8 +158,9 @@ class RunDir:
                 self._publish(folder)  # repairs a publish cut short by a kill
             log.info("resumed %s at step %d from %s", self.path, state.step, folder)
             return folder
-        raise RunDirError(f"{self.path}: no readable checkpoint ({'; '.join(problems)}); "
-                          "pass --no-resume to start over")
+        raise RunDirError(
+            f"{self.path}: no readable checkpoint ({'; '.join(problems)}); pass --no-resume to start over"
+        )
 
     def start_over(self) -> None:
         """Starting over in a run directory that holds another run's checkpoints: move them aside
@@ -199,8 +202,10 @@ class RunDir:
         for name in PUBLISHED_FILES:
             if (checkpoint / name).exists():
                 link_or_copy(checkpoint / name, self.path / name)
-        write_json(self.path / "checkpoint.json", {"checkpoint": str(checkpoint.relative_to(self.path)),
-                                                   "step": int(_NAME.match(checkpoint.name).group(1))})
+        write_json(
+            self.path / "checkpoint.json",
+            {"checkpoint": str(checkpoint.relative_to(self.path)), "step": int(_NAME.match(checkpoint.name).group(1))},
+        )
 
     def _check_fits(self, folder: Path, cfg: Config) -> None:
         """The run's features must have the shape the checkpoint was trained on: say so before
@@ -212,9 +217,11 @@ class RunDir:
         m = cfg.model
         old, new = (saved.get("cond_tokens"), saved.get("cond_dim")), (m.cond_tokens, m.cond_dim)
         if old != new:
-            raise DataError(f"{cfg.data.features}: features of {new[0]} token(s) x {new[1]} do not fit the run "
-                            f"{self.path}, trained on {old[0]} token(s) x {old[1]} ({folder / 'config.json'}); "
-                            "use the same feature extractor, or a new --out")
+            raise DataError(
+                f"{cfg.data.features}: features of {new[0]} token(s) x {new[1]} do not fit the run "
+                f"{self.path}, trained on {old[0]} token(s) x {old[1]} ({folder / 'config.json'}); "
+                "use the same feature extractor, or a new --out"
+            )
 
 
 def _write_checkpoint(folder: Path, state: TrainingState, cfg: Config, tokenizer: CaptionTokenizer) -> None:
@@ -265,13 +272,19 @@ def _set_aside(folder: Path) -> Path:
 
 def _differs(a: Path, b: Path) -> bool:
     cmp = filecmp.dircmp(a, b)
-    return bool(cmp.left_only or cmp.right_only
-                or filecmp.cmpfiles(a, b, cmp.common_files, shallow=False)[1:] != ([], []))
+    return bool(
+        cmp.left_only or cmp.right_only or filecmp.cmpfiles(a, b, cmp.common_files, shallow=False)[1:] != ([], [])
+    )
 
 
 # ---- model files -----------------------------------------------------------------------------------
-def save_model_files(run_dir: str | Path, cfg: Config, model: Captioner, tokenizer: CaptionTokenizer,
-                     ema_state: dict[str, torch.Tensor] | None = None) -> None:
+def save_model_files(
+    run_dir: str | Path,
+    cfg: Config,
+    model: Captioner,
+    tokenizer: CaptionTokenizer,
+    ema_state: dict[str, torch.Tensor] | None = None,
+) -> None:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "config.json", cfg.to_dict())
@@ -298,14 +311,19 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
 def check_shapes(path: Path, saved: dict[str, torch.Tensor], current: dict[str, torch.Tensor]) -> None:
     """Saved weights must fit the model the config builds: say which file and tensors do not,
     instead of torch's size-mismatch error."""
-    wrong = [f"{k} {tuple(saved[k].shape)} vs {tuple(v.shape)}" for k, v in current.items()
-             if k in saved and saved[k].shape != v.shape]
+    wrong = [
+        f"{k} {tuple(saved[k].shape)} vs {tuple(v.shape)}"
+        for k, v in current.items()
+        if k in saved and saved[k].shape != v.shape
+    ]
     missing = sorted(set(current) ^ set(saved))
     if wrong or missing:
         differ = f"; keys differ: {missing[:5]}" if missing else ""
-        raise ConfigError(f"{path}: does not fit the model built from the current config and data "
-                          f"(saved vs now: {'; '.join(wrong[:3])}{differ}); "
-                          "was it written by another version of diffcap, or the vocabulary built from other captions?")
+        raise ConfigError(
+            f"{path}: does not fit the model built from the current config and data "
+            f"(saved vs now: {'; '.join(wrong[:3])}{differ}); "
+            "was it written by another version of diffcap, or the vocabulary built from other captions?"
+        )
 
 
 # ---- optimizer and RNG state as safetensors + JSON -------------------------------------------------
@@ -339,8 +357,10 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     np_state = np.random.get_state()
     tensors["numpy.keys"] = torch.from_numpy(np_state[1].astype(np.int64))
     py = random.getstate()
-    return tensors, {"python": [py[0], list(py[1]), py[2]], "numpy": [np_state[0], int(np_state[2]),
-                                                                    int(np_state[3]), float(np_state[4])]}
+    return tensors, {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
 
 
 def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:

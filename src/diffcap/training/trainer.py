@@ -5,6 +5,7 @@ warm-up + decay, EMA, clipping); the losses come from the captioner (:meth:`Capt
 checkpoints and resume from :class:`~diffcap.training.rundir.RunDir`, and the validation report from
 :class:`~diffcap.training.validation.Validator`.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,12 +51,17 @@ def load_training_data(cfg: Config) -> TrainingData:
     check_ids(records, store, cfg.data.captions)
     captioned = {r.image_id for r in records}
     if unused := [i for i in store.ids if i not in captioned]:
-        log.warning("%s: %s have features but no captions in %s; they are not used",
-                    store.path, describe_ids(unused), cfg.data.captions)
+        log.warning(
+            "%s: %s have features but no captions in %s; they are not used",
+            store.path,
+            describe_ids(unused),
+            cfg.data.captions,
+        )
     train_captions = [r.caption for r in records if r.split == cfg.data.train_split]
     if cfg.text.tokenizer == "word_level":
-        tokenizer = CaptionTokenizer.build_word_level(train_captions, min_count=cfg.text.min_count,
-                                                      max_length=cfg.text.max_length)
+        tokenizer = CaptionTokenizer.build_word_level(
+            train_captions, min_count=cfg.text.min_count, max_length=cfg.text.max_length
+        )
     else:
         tokenizer = CaptionTokenizer.from_pretrained(cfg.text.tokenizer, max_length=cfg.text.max_length)
     train = load_split(records, store, tokenizer, cfg.data.train_split, cfg.data.captions)
@@ -147,8 +153,9 @@ class Trainer:
 
     def __init__(self, cfg: Config, out_dir: str | Path, data: TrainingData | None = None):
         self.out_dir = Path(out_dir)
-        self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
-                                       gradient_accumulation_steps=cfg.train.grad_accum)
+        self.accelerator = Accelerator(
+            mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum
+        )
         acc = self.accelerator
         set_seed(cfg.train.seed)
         self.data = data or load_training_data(cfg)
@@ -168,8 +175,13 @@ class Trainer:
         # order to the processes, so N processes see the same global batches as one with N x batch_size
         # (drop_last by the global batch keeps every step's batches complete and equal).
         global_batch = cfg.train.batch_size * acc.num_processes
-        loader = DataLoader(CaptionPairs(self.data.train), batch_size=cfg.train.batch_size, shuffle=True,
-                            drop_last=len(self.data.train.caption_ids) >= global_batch, generator=generator)
+        loader = DataLoader(
+            CaptionPairs(self.data.train),
+            batch_size=cfg.train.batch_size,
+            shuffle=True,
+            drop_last=len(self.data.train.caption_ids) >= global_batch,
+            generator=generator,
+        )
         self.model, optimizer, self.loader = acc.prepare(model, optimizer, loader)
         ema.to(acc.device)
         self.state = TrainingState(acc.unwrap_model(self.model), ema, optimizer, scheduler)
@@ -200,9 +212,16 @@ class Trainer:
     def _step_noise(self, ids: torch.Tensor, micro: int) -> StepNoise:
         """The random draws of micro-batch ``micro`` (see diffusion/noise.py)."""
         acc = self.accelerator
-        return StepNoise(self.cfg.train.seed, micro, k=self.cfg.diffusion.timesteps_per_caption,
-                         batch=ids.shape[0], rank=acc.process_index, world=acc.num_processes,
-                         device=ids.device, gather=acc.gather)
+        return StepNoise(
+            self.cfg.train.seed,
+            micro,
+            k=self.cfg.diffusion.timesteps_per_caption,
+            batch=ids.shape[0],
+            rank=acc.process_index,
+            world=acc.num_processes,
+            device=ids.device,
+            gather=acc.gather,
+        )
 
     def _kept(self) -> str:
         if self.last_checkpoint is None:
@@ -236,8 +255,13 @@ class Trainer:
             micro = self.step * cfg.grad_accum
             for _ in range(micro):  # skip what was already consumed
                 next(batches)
-            bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and acc.is_main_process),
-                       desc="train", dynamic_ncols=True)
+            bar = tqdm(
+                total=cfg.steps,
+                initial=self.step,
+                disable=not (cfg.progress and acc.is_main_process),
+                desc="train",
+                dynamic_ncols=True,
+            )
             start, last = time.time(), {}
             model = self.model.train()
             while self.step < cfg.steps:
@@ -264,8 +288,14 @@ class Trainer:
                 done = self.step == cfg.steps or self._over_budget(start)
                 if self.step % cfg.log_every == 0 or done:
                     bar.set_postfix(loss=f"{last['loss']:.3f}")
-                    self.train_log({"step": self.step, "lr": self.scheduler.get_last_lr()[0],
-                                    "elapsed_s": time.time() - start, **{f"train/{k}": v for k, v in last.items()}})
+                    self.train_log(
+                        {
+                            "step": self.step,
+                            "lr": self.scheduler.get_last_lr()[0],
+                            "elapsed_s": time.time() - start,
+                            **{f"train/{k}": v for k, v in last.items()},
+                        }
+                    )
                 if self.step % cfg.save_every == 0 or done:  # before validation, so an error there costs no work
                     self.save()
                 if cfg.eval_every and (self.step % cfg.eval_every == 0 or done) and acc.is_main_process:

@@ -1,5 +1,6 @@
 """What the trainer reports besides its loss: held-out losses, sample captions and CIDEr
 (:class:`Validator`), and which images a non-finite loss came from (:class:`NonFiniteCheck`)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -24,8 +25,14 @@ class Validator:
     """Scores a model on the validation split: ``val/<loss>`` from :meth:`Captioner.validation_losses`,
     then ``val/CIDEr`` of the captions of its first ``train.eval_images`` images, and three samples."""
 
-    def __init__(self, cfg: Config, tokenizer: CaptionTokenizer, val: SplitData | None, device: torch.device,
-                 autocast: Callable[[], AbstractContextManager]):
+    def __init__(
+        self,
+        cfg: Config,
+        tokenizer: CaptionTokenizer,
+        val: SplitData | None,
+        device: torch.device,
+        autocast: Callable[[], AbstractContextManager],
+    ):
         self.cfg, self.tokenizer, self.val = cfg, tokenizer, val
         self.device, self.autocast = device, autocast
 
@@ -65,8 +72,9 @@ class NonFiniteCheck:
     def scalars(self, terms: dict, index: torch.Tensor, step: int, kept: str) -> dict[str, float]:
         """``index``: this process's rows of the training split; ``kept``: what the error says survives."""
         names = [k for k, v in terms.items() if v.dim() == 0]
-        values = torch.stack([(~torch.isfinite(terms["loss"].detach())).float()]
-                             + [terms[k].detach().float() for k in names])
+        values = torch.stack(
+            [(~torch.isfinite(terms["loss"].detach())).float()] + [terms[k].detach().float() for k in names]
+        )
         world = self.accelerator.num_processes
         if world > 1:
             values = self.accelerator.reduce(values, "sum")
@@ -90,4 +98,5 @@ class NonFiniteCheck:
         raise FloatingPointError(
             f"non-finite loss at step {step} (batch of {len(local) * self.accelerator.num_processes} "
             f"captions from {self.captions_path}); non-finite for image {describe_ids(images)}; "
-            f"stopped before the update, {kept}")
+            f"stopped before the update, {kept}"
+        )
