@@ -85,7 +85,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "the training images the diffusion captioner then learns (0: train on the references)",
     )
     p.add_argument("--distill-beam", type=int, default=DISTILL_BEAM, help="beam size of the teacher's captions")
-    p.add_argument("--steps-list", nargs="+", default=["1,3,5,10,20,50"], help="diffusion sampling steps to sweep")
+    p.add_argument("--steps-list", nargs="+", default=["1,2,3,5,10,20,50"], help="diffusion sampling steps to sweep")
     args = p.parse_args(argv)
     args.methods = _split_list(args.methods)
     unknown = sorted(set(args.methods) - set(METHODS))

@@ -502,7 +502,7 @@ class ProxyOptions:
     ar_set: Sequence[str] = ()
     distill_share: float = DISTILL_SHARE
     distill_beam: int = DISTILL_BEAM
-    steps_list: Sequence[int] = (1, 3, 5, 10, 20, 50)
+    steps_list: Sequence[int] = (1, 2, 3, 5, 10, 20, 50)
     command: str = ""
 
 
