@@ -86,15 +86,14 @@ class LossAwareTimesteps(UniformTimesteps):
 
 
 def trailing_timesteps(num_timesteps: int, steps: int) -> list[int]:
-    """The timesteps a sampler with ``timestep_spacing="trailing"`` evaluates (diffusers' formula)."""
+    """The timesteps a sampler with ``timestep_spacing="trailing"`` evaluates: diffusers' formula, written
+    out because the sampler module imports this one (tests/test_refinement_training.py checks they agree)."""
     return [round(num_timesteps - i * num_timesteps / steps) - 1 for i in range(steps)]
 
 
 class GridTimesteps(UniformTimesteps):
     """Uniform over the timesteps that a 1..``max_steps``-step trailing sampler evaluates: a few-step
-    sampler only ever asks the network about these, so training spends all its updates there (the
-    discrete-time analogue of distilling a sampler to its steps, as in progressive distillation,
-    Salimans & Ho 2022, arXiv 2202.00512)."""
+    sampler only ever asks the network about these, so training spends all its updates there."""
 
     def __init__(self, num_timesteps: int, max_steps: int):
         super().__init__(num_timesteps)
