@@ -7,6 +7,7 @@ everything else here is fast.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -109,6 +110,21 @@ def test_results_file_accepts_integer_ids(tmp_path):
     path.write_text('[{"image_id": 42, "caption": "a cat"}]', encoding="utf-8")
     assert read_coco_results(path) == {"42": "a cat"}
 
+
+
+@pytest.mark.parametrize(
+    ("predictions", "written"),
+    [
+        ({"391895": "a", "42": "b"}, [391895, 42]),  # COCO: integer ids, as the evaluation server needs
+        ({"391895": "a", "1000268201_693b08cb0e": "b"}, ["391895", "1000268201_693b08cb0e"]),  # not all integers
+        ({"007": "a", "8": "b"}, ["007", "8"]),  # "007" would not survive int()
+    ],
+)
+def test_results_file_writes_integer_ids_as_integers(tmp_path, predictions, written):
+    path = tmp_path / "results.json"
+    write_coco_results(path, predictions)
+    assert [e["image_id"] for e in json.loads(path.read_text())] == written
+    assert read_coco_results(path) == predictions
 
 @pytest.mark.parametrize(
     ("content", "message"),

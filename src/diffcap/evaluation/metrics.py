@@ -223,13 +223,23 @@ def cider(predictions: Mapping[Any, str], references: Mapping[Any, list[str]]) -
 def write_coco_results(path: PathLike, predictions: Mapping[str, str]) -> None:
     """Write predictions atomically as a COCO results file: ``[{"image_id", "caption"}, ...]``.
 
-    Image ids are written as the strings they are; the official COCO server
-    expects integer ids, which ``int(image_id)`` gives for COCO datasets.
+    When every id is an integer written as a string (COCO's ids, which the captions file holds as
+    JSON integers), the ids are written as integers: the official evaluation server matches results
+    to its annotations by integer id. Other ids (Flickr file names, "007") are written as strings.
     """
-    entries = [{"image_id": image_id, "caption": caption} for image_id, caption in predictions.items()]
+    ids: list[Any] = list(predictions)
+    if ids and all(_is_integer_id(i) for i in ids):
+        ids = [int(i) for i in ids]
+    entries = [{"image_id": i, "caption": caption} for i, caption in zip(ids, predictions.values())]
     with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(entries, f, ensure_ascii=False, indent=1)
         f.write("\n")
+
+
+def _is_integer_id(image_id: Any) -> bool:
+    """A string that int() turns into a number that prints back the same (so "007" and "+7" are not)."""
+    text = str(image_id)
+    return text.isascii() and text.isdigit() and str(int(text)) == text
 
 
 def read_coco_results(path: PathLike) -> dict[str, str]:
