@@ -10,18 +10,38 @@ import sys
 from pathlib import Path
 
 
-def _data_files(data: str) -> tuple[Path, Path]:
-    """A data directory of the contract: captions.jsonl (or .csv) and features.safetensors."""
+def _data_files(data: str, run: str, features: str | None = None) -> tuple[Path, Path]:
+    """A data directory of the contract: its captions.jsonl (or .csv), and the feature file ``features`` or,
+    by default, the file of the name the run was trained on (DATA/patch_features.safetensors for a run
+    trained on a patch grid), so the features have the shape the run expects."""
     root = Path(data)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: data directory not found")
     captions = next((root / n for n in ("captions.jsonl", "captions.csv") if (root / n).exists()), None)
     if captions is None:
         raise FileNotFoundError(f"{root}: no captions.jsonl or captions.csv")
-    features = root / "features.safetensors"
-    if not features.exists():
-        raise FileNotFoundError(f"{features}: feature file not found")
-    return captions, features
+    if features is not None:
+        path = Path(features)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: feature file not found")
+        return captions, path
+    trained_on = _trained_features(run)
+    path = root / (Path(trained_on).name if trained_on else "features.safetensors")
+    if not path.exists():
+        why = f" (the run was trained on {trained_on})" if trained_on else ""
+        raise FileNotFoundError(f"{path}: feature file not found{why}; name the file with --features")
+    return captions, path
+
+
+def _trained_features(run: str) -> str:
+    """The feature file a run was trained on (data.features of RUN/config.json), or "" if unknown."""
+    config = Path(run) / "config.json"
+    if not config.is_file():
+        return ""  # loading the run reports what is missing
+    try:
+        return json.loads(config.read_text()).get("data", {}).get("features", "") or ""
+    except (json.JSONDecodeError, AttributeError):
+        return ""
 
 
 def cmd_train(args) -> None:
@@ -51,7 +71,7 @@ def cmd_sample(args) -> None:
 def cmd_eval(args) -> None:
     from .evaluation.metrics import evaluate_run
 
-    captions, features = _data_files(args.data)
+    captions, features = _data_files(args.data, args.run, args.features)
     out = Path(args.out) if args.out else Path(args.run) / f"eval-{args.split}"
     metrics = evaluate_run(
         args.run, captions, features, args.split, out, device=args.device, **_sampler_overrides(args)
@@ -135,7 +155,7 @@ def cmd_train_guidance(args) -> None:
 def cmd_distill(args) -> None:
     from .training.distill import distill_captions
 
-    captions, features = _data_files(args.data)
+    captions, features = _data_files(args.data, args.teacher, args.features)
     overrides = {"beam_size": args.beam} if args.beam else {}
     summary = distill_captions(
         args.teacher,
@@ -185,6 +205,9 @@ def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
 
 
+FEATURES_HELP = "feature file (default: DATA/ + the name of the file the run was trained on)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffcap", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -207,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="coco-caption metrics of a run on one split")
     p.add_argument("--run", required=True)
-    p.add_argument("--data", required=True, help="directory with captions.jsonl|csv and features.safetensors")
+    p.add_argument("--data", required=True, help="directory with captions.jsonl|csv and the feature file")
+    p.add_argument("--features", help=FEATURES_HELP)
     p.add_argument("--split", required=True)
     p.add_argument("--out", help="output directory (default RUN/eval-SPLIT)")
     _add_sampler_flags(p)
@@ -265,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("distill", help="sequence-level distillation: re-caption a split with a teacher run")
     p.add_argument("--teacher", required=True, help="trained run (usually autoregressive) that writes the captions")
-    p.add_argument("--data", required=True, help="directory with captions.jsonl|csv and features.safetensors")
+    p.add_argument("--data", required=True, help="directory with captions.jsonl|csv and the feature file")
+    p.add_argument("--features", help=FEATURES_HELP)
     p.add_argument("--out", required=True, help="captions file to write (.jsonl or .csv)")
     p.add_argument("--split", default="train", help="split whose images get the teacher's captions")
     p.add_argument("--keep-references", action="store_true", help="keep the split's own captions as well")

@@ -1,0 +1,59 @@
+"""What a user with a trained run reaches for: eval/distill on the run's own feature file, reports,
+the model card, save_pretrained / from_pretrained, and the token-recovery diagnosis."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import CAPTIONS, small_config
+
+from diffcap.cli import main
+from diffcap.data.contract import CaptionRecord, write_captions, write_features
+from diffcap.training import Trainer
+
+
+@pytest.fixture(scope="module")
+def patch_run(tmp_path_factory):
+    """A tiny run trained on patch_features.safetensors (3 tokens x 8), next to a pooled
+    features.safetensors of another width, as `diffcap prepare --patch-tokens` writes them."""
+    root = tmp_path_factory.mktemp("patch")
+    data = root / "data"
+    data.mkdir()
+    g = torch.Generator().manual_seed(0)
+    records = [CaptionRecord(f"{i}", CAPTIONS[i % 8], "train") for i in range(8)]
+    records += [CaptionRecord(f"{100 + i}", CAPTIONS[i], "val") for i in range(3)]
+    write_captions(records, data / "captions.jsonl")
+    write_features(data / "features.safetensors", {r.image_id: torch.randn(16, generator=g) for r in records})
+    write_features(data / "patch_features.safetensors", {r.image_id: torch.randn(3, 8, generator=g) for r in records})
+    cfg = small_config(data, steps=6)
+    cfg.data.features = str(data / "patch_features.safetensors")
+    cfg.model.d_model, cfg.model.n_layers, cfg.sampler.steps = 32, 1, 4
+    Trainer(cfg, root / "run").train(resume=False)
+    return root / "run", data
+
+
+def test_eval_and_distill_read_the_feature_file_the_run_was_trained_on(patch_run, tmp_path, capsys):
+    run, data = patch_run
+    out = tmp_path / "eval"
+    assert main(["eval", "--run", str(run), "--data", str(data), "--split", "val", "--out", str(out)]) == 0
+    assert json.loads((out / "metrics.json").read_text())["n_images"] == 3
+    distilled = tmp_path / "distilled.jsonl"
+    assert main(["distill", "--teacher", str(run), "--data", str(data), "--out", str(distilled)]) == 0
+    assert f"data.features={data / 'patch_features.safetensors'}" in capsys.readouterr().out
+
+    pooled = str(data / "features.safetensors")
+    args = ["eval", "--run", str(run), "--data", str(data), "--split", "val", "--features", pooled]
+    assert main([*args, "--out", str(tmp_path / "e2")]) == 2
+    assert "(16,)" in capsys.readouterr().err  # --features is read, and its shape is reported
+
+
+def test_a_missing_feature_file_names_the_one_the_run_was_trained_on(patch_run, tmp_path, capsys):
+    run, data = patch_run
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "captions.jsonl").write_text((data / "captions.jsonl").read_text())
+    assert main(["eval", "--run", str(run), "--data", str(other), "--split", "val"]) == 2
+    err = capsys.readouterr().err
+    assert "patch_features.safetensors: feature file not found" in err and "--features" in err
