@@ -57,3 +57,16 @@ def test_a_missing_feature_file_names_the_one_the_run_was_trained_on(patch_run, 
     assert main(["eval", "--run", str(run), "--data", str(other), "--split", "val"]) == 2
     err = capsys.readouterr().err
     assert "patch_features.safetensors: feature file not found" in err and "--features" in err
+
+
+def test_classifier_free_guidance_without_condition_dropout_is_refused(patch_run, capsys):
+    from diffcap.config import Config, ConfigError
+
+    run, data = patch_run
+    features = str(data / "patch_features.safetensors")
+    assert main(["sample", "--run", str(run), "--features", features, "--ids", "100", "--guidance", "2"]) == 2
+    assert "diffusion.cond_dropout=0" in capsys.readouterr().err
+    assert main(["sample", "--run", str(run), "--features", features, "--ids", "100", "--guidance", "1"]) == 0
+    with pytest.raises(ConfigError, match="diffusion.cond_dropout=0"):  # and before training, too
+        Config.load(None, ["diffusion.cond_dropout=0", "sampler.guidance_scale=2"])
+    Config.load(None, ["diffusion.cond_dropout=0.1", "sampler.guidance_scale=2"])

@@ -307,6 +307,17 @@ def validate_sampler(sampler: SamplerConfig, num_timesteps: int) -> None:
         raise ConfigError("sampler.classifier_scale must be >= 0 (0 = no classifier guidance)")
 
 
+def check_guidance(sampler: SamplerConfig, diffusion: DiffusionConfig) -> None:
+    """Classifier-free guidance extrapolates away from the model's null-condition prediction, which only
+    condition dropout trains: with diffusion.cond_dropout = 0 that prediction is an untrained output."""
+    if sampler.guidance_scale != 1.0 and diffusion.cond_dropout == 0:
+        raise ConfigError(
+            f"sampler.guidance_scale={sampler.guidance_scale:g} needs a model trained with condition dropout, "
+            "but diffusion.cond_dropout=0 left its null condition untrained: use guidance_scale 1 "
+            "or train with diffusion.cond_dropout > 0 (e.g. 0.1)"
+        )
+
+
 def validate(cfg: Config) -> None:
     for section in ("data", "model", "diffusion", "train"):
         _check_choices(getattr(cfg, section), section)
@@ -329,6 +340,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.feature_noise_std must be >= 0, got {cfg.data.feature_noise_std}")
     if not 0.0 <= cfg.diffusion.cond_dropout < 1.0:
         raise ConfigError("diffusion.cond_dropout must be in [0, 1)")
+    if cfg.model.kind == "diffusion":
+        check_guidance(cfg.sampler, cfg.diffusion)
 
 
 FEATURE_ENCODER_KINDS = ("clip-image", "clip-text", "sentence-transformers")  # kinds `diffcap caption` can rerun

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .caching import cached_while_unchanged
-from .config import Config, ConfigError, SamplerConfig, validate_sampler
+from .config import Config, ConfigError, SamplerConfig, check_guidance, validate_sampler
 from .models.base import Captioner
 from .models.conditioning import feature_shape
 from .text.tokenizer import CaptionTokenizer
@@ -114,6 +114,8 @@ class CaptionPipeline:
                 f"(it reads {sorted(self.model.sampler_fields)}); leave it out"
             )
         validate_sampler(sampler_cfg, self.cfg.diffusion.num_timesteps)
+        if "guidance_scale" in self.model.sampler_fields:
+            check_guidance(sampler_cfg, self.cfg.diffusion)
         return sampler_cfg
 
     def _model_for(self, precision: str) -> torch.nn.Module:
