@@ -132,7 +132,7 @@ class ClipImageEncoder:
             with _quiet_transformers():
                 self.processor = CLIPImageProcessor.from_pretrained(self.model_id)
                 self.model = CLIPVisionModelWithProjection.from_pretrained(
-                    self.model_id, config=_tower_config(self.model_id, "vision")
+                    self.model_id, config=_tower_config(self.model_id, "vision"), use_safetensors=True
                 )
         except (OSError, ValueError, KeyError) as exc:
             raise _load_failed(self.model_id, "a CLIP vision tower and image processor", exc) from exc
@@ -365,7 +365,7 @@ class TextEncoder:
                 with _quiet_transformers():
                     self.tokenizer = AutoTokenizer.from_pretrained(self.encoder)
                     self.model = CLIPTextModelWithProjection.from_pretrained(
-                        self.encoder, config=_tower_config(self.encoder, "text")
+                        self.encoder, config=_tower_config(self.encoder, "text"), use_safetensors=True
                     )
                 self.model.to(self.device, self.dtype).eval().requires_grad_(False)
         except ImportError as exc:

@@ -43,7 +43,7 @@ def build_body(
         config = dict(body_config)
         body = AutoModel.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
     elif backbone:
-        body = AutoModel.from_pretrained(backbone)
+        body = AutoModel.from_pretrained(backbone, use_safetensors=True)  # never unpickle downloaded weights
     else:
         config = BertConfig(
             vocab_size=1,

@@ -21,7 +21,7 @@ def load_pretrained_embeddings(name_or_path: str) -> torch.Tensor:
     """The input word-embedding matrix (V, D) of a BERT-family checkpoint (path or hub id)."""
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(name_or_path)
+    model = AutoModel.from_pretrained(name_or_path, use_safetensors=True)  # never unpickle downloaded weights
     return model.get_input_embeddings().weight.detach().clone()
 
 
