@@ -70,3 +70,43 @@ def test_classifier_free_guidance_without_condition_dropout_is_refused(patch_run
     with pytest.raises(ConfigError, match="diffusion.cond_dropout=0"):  # and before training, too
         Config.load(None, ["diffusion.cond_dropout=0", "sampler.guidance_scale=2"])
     Config.load(None, ["diffusion.cond_dropout=0.1", "sampler.guidance_scale=2"])
+
+
+def test_save_pretrained_then_from_pretrained_by_hub_id_offline(patch_run, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from diffcap.data.contract import FeatureStore
+    from diffcap.pipeline import CaptionPipeline
+    from diffcap.training.rundir import RunDirError
+
+    run, data = patch_run
+    pipe = CaptionPipeline.from_pretrained(run)
+    features = FeatureStore.open(data / "patch_features.safetensors").get(["100", "101"])
+    expected = pipe(features, steps=3).texts
+
+    # a hub cache as snapshot_download leaves it: refs/main names the snapshot folder of that commit
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    cache = tmp_path / "hub"
+    repo = cache / "models--someone--tiny-captioner"
+    pipe.save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+    hub = CaptionPipeline.from_pretrained("someone/tiny-captioner", cache_dir=cache)
+    assert hub(features, steps=3).texts == expected
+    card = (hub.run_dir / "README.md").read_text()
+    assert "library_name: diffcap" in card
+    assert str(data / "patch_features.safetensors") in card and '"d_model": 32' in card
+    with pytest.raises(RunDirError, match="someone/not-cached"):
+        CaptionPipeline.from_pretrained("someone/not-cached", cache_dir=cache)
+
+
+def test_a_run_directory_gets_a_model_card_with_its_evaluations(patch_run, capsys):
+    run, data = patch_run
+    assert main(["eval", "--run", str(run), "--data", str(data), "--split", "val"]) == 0
+    card = (run / "README.md").read_text()
+    metrics = json.loads((run / "eval-val" / "metrics.json").read_text())
+    assert "pipeline_tag: image-to-text" in card and f"| eval-val | 3 | {metrics['BLEU-4']:.4f} |" in card
+    assert f"| features | `{data / 'patch_features.safetensors'}` |" in card and "## Config" in card

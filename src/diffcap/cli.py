@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -46,10 +47,13 @@ def _trained_features(run: str) -> str:
 
 def cmd_train(args) -> None:
     from .config import Config
+    from .model_card import write_run_card
     from .training import Trainer
 
     cfg = Config.load(args.config, args.overrides)
     stats = Trainer(cfg, args.out).train(resume=not args.no_resume)
+    if os.environ.get("RANK", "0") == "0":  # one process of a multi-process run writes the card
+        write_run_card(args.out)
     print(json.dumps(stats))
 
 
@@ -70,12 +74,15 @@ def cmd_sample(args) -> None:
 
 def cmd_eval(args) -> None:
     from .evaluation.metrics import evaluate_run
+    from .model_card import write_run_card
 
     captions, features = _data_files(args.data, args.run, args.features)
     out = Path(args.out) if args.out else Path(args.run) / f"eval-{args.split}"
     metrics = evaluate_run(
         args.run, captions, features, args.split, out, device=args.device, **_sampler_overrides(args)
     )
+    if (Path(args.run) / "config.json").is_file():  # a run directory here (not a hub id): its card lists the result
+        write_run_card(args.run)
     print(json.dumps(metrics, indent=2))
 
 

@@ -14,7 +14,7 @@ from .config import Config, ConfigError, SamplerConfig, check_guidance, validate
 from .models.base import Captioner
 from .models.conditioning import feature_shape
 from .text.tokenizer import CaptionTokenizer
-from .training.rundir import RunDir
+from .training.rundir import RunDir, RunDirError
 
 
 @dataclass
@@ -47,11 +47,37 @@ class CaptionPipeline:
         return self.classifiers[path]
 
     @classmethod
-    def from_pretrained(cls, run_dir: str | Path, *, ema: bool = True, device: str = "cpu") -> CaptionPipeline:
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        *,
+        ema: bool = True,
+        device: str = "cpu",
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+    ) -> CaptionPipeline:
+        """A pipeline from a run directory, a folder written by :meth:`save_pretrained`, or a hub model id
+        (``owner/name``, fetched with ``huggingface_hub.snapshot_download`` into the hub cache, or
+        ``cache_dir``; with ``HF_HUB_OFFLINE=1`` only the cache is read)."""
+        run_dir = (
+            Path(name_or_path) if Path(name_or_path).is_dir() else _download(str(name_or_path), revision, cache_dir)
+        )
         cfg, model, tokenizer = RunDir(run_dir).load_model(ema=ema)
         pipe = cls(cfg, model, tokenizer, device)
-        pipe.run_dir = Path(run_dir)
+        pipe.run_dir = run_dir
         return pipe
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write the model as a folder that :meth:`from_pretrained` reads (and the hub can host as it is):
+        config.json, body_config.json, tokenizer/, model.safetensors (the weights this pipeline captions
+        with, EMA ones for a pipeline loaded from a run) and a model card README.md."""
+        from .model_card import write_model_card
+        from .training.rundir import save_model_files
+
+        folder = Path(folder)
+        save_model_files(folder, self.cfg, self.model, self.tokenizer)
+        write_model_card(folder, self.cfg, source=self.run_dir or folder)
+        return folder
 
     @property
     def feature_shape(self) -> tuple[int, ...]:
@@ -135,3 +161,17 @@ class CaptionPipeline:
 
         state = (*self.model.parameters(), *self.model.buffers())  # buffers: e.g. the allowed-token mask
         return cached_while_unchanged(self, "_bf16_cache", state, bf16_copy)
+
+
+def _download(repo_id: str, revision: str | None, cache_dir: str | Path | None) -> Path:
+    """The local snapshot of the hub model ``repo_id`` (downloaded unless the cache has it)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir))
+    except (HFValidationError, OSError) as exc:  # not a repo id, not on the hub, offline and not cached
+        raise RunDirError(
+            f"{repo_id}: no run directory of that name here, and no hub model that can be fetched "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from exc
