@@ -140,7 +140,7 @@ def folder_layout(root: Path, n: int = 4) -> Path:
 def test_flickr8k_layout(tmp_path, tiny_clip, token_file):
     root = flickr8k_layout(tmp_path / "flickr8k", token_file=token_file)
     summary = prepare("flickr8k", root, tmp_path / "out", encoder=str(tiny_clip), progress=False)
-    store = FeatureStore.open(tmp_path / "out" / "features.safetensors")
+    store = FeatureStore.open(tmp_path / "out" / "features")
     assert store.ids == names(4) and store.item_shape == (PROJ,)
     assert store.metadata["encoder"] == str(tiny_clip) and store.metadata["kind"] == "clip-image"
     assert torch.allclose(store.get(store.ids).norm(dim=-1), torch.ones(4))
@@ -153,7 +153,7 @@ def test_flickr8k_layout(tmp_path, tiny_clip, token_file):
 def test_karpathy_layouts(tmp_path, tiny_clip, name):
     root = karpathy_layout(tmp_path / name, name)
     prepare(name, root, tmp_path / "out", encoder=str(tiny_clip), progress=False, workers=1 if name == "coco" else 0)
-    store = FeatureStore.open(tmp_path / "out" / "features.safetensors")
+    store = FeatureStore.open(tmp_path / "out" / "features")
     ids = ["500", "501", "502", "503"] if name == "coco" else names(4)
     assert store.ids == ids and store.item_shape == (PROJ,)
     splits = {r.image_id: r.split for r in read_captions(tmp_path / "out" / "captions.jsonl")}
@@ -163,8 +163,8 @@ def test_karpathy_layouts(tmp_path, tiny_clip, name):
 def test_folder_layout_with_patch_grid(tmp_path, tiny_clip):
     root = folder_layout(tmp_path / "photos")
     prepare("folder", root, tmp_path / "out", encoder=str(tiny_clip), patch_tokens=True, progress=False)
-    pooled = FeatureStore.open(tmp_path / "out" / "features.safetensors")
-    grid = FeatureStore.open(tmp_path / "out" / "patch_features.safetensors")
+    pooled = FeatureStore.open(tmp_path / "out" / "features")
+    grid = FeatureStore.open(tmp_path / "out" / "patch_features")
     ids = [f"photos/p{i}.jpg" for i in range(4)]
     assert pooled.ids == grid.ids == ids
     assert pooled.item_shape == (PROJ,) and grid.item_shape == (PATCHES, HIDDEN)
@@ -186,7 +186,7 @@ def test_vision_only_checkpoint_needs_no_tokenizer(tmp_path, tiny_clip):
     assert not list(folder.glob("tokenizer*")) and not list(folder.glob("vocab*"))
     root = folder_layout(tmp_path / "photos")
     prepare("folder", root, tmp_path / "out", encoder=str(folder), progress=False)
-    assert FeatureStore.open(tmp_path / "out" / "features.safetensors").item_shape == (PROJ,)
+    assert FeatureStore.open(tmp_path / "out" / "features").item_shape == (PROJ,)
 
 
 def test_unknown_encoder_is_a_clear_error(tmp_path):
@@ -247,14 +247,16 @@ def test_interrupted_extraction_resumes_without_recomputing(tmp_path, tiny_clip)
     first = CountingEncoder(clip, fail_after_batches=2)  # shards of 2 images, batches of 2: 2 shards done
     with pytest.raises(KeyboardInterrupt):
         extract_image_features(images, out, first, batch_size=2, shard_size=2, progress=False)
-    assert sorted(p.name for p in (out / "feature_shards").glob("shard-*")) == [
+    assert sorted(p.name for p in (out / "features").glob("shard-*")) == [
         "shard-00000.safetensors",
         "shard-00001.safetensors",
     ]
+    with pytest.raises(DataError, match="no index.json"):  # an unfinished store does not open
+        FeatureStore.open(out / "features")
     second = CountingEncoder(clip)
     done = extract_image_features(images, out, second, batch_size=2, shard_size=2, progress=False)
     assert second.images == 3 and (done.reused_shards, done.computed_shards) == (2, 2)
-    resumed = FeatureStore.open(out / "features.safetensors")
+    resumed = FeatureStore.open(out / "features")
     fresh = extract_image_features(images, tmp_path / "fresh", clip, batch_size=4, shard_size=100, progress=False)
     assert resumed.ids == sorted(images)
     assert torch.allclose(
@@ -277,7 +279,7 @@ def test_corrupt_and_missing_images_are_named(tmp_path, tiny_clip, capsys):
     with pytest.raises(DataError) as err:
         prepare("flickr8k", root, tmp_path / "out", encoder=str(tiny_clip), progress=False)
     assert corrupt.name in str(err.value) and missing.name in str(err.value)
-    assert not (tmp_path / "out" / "features.safetensors").exists()
+    assert not (tmp_path / "out" / "features" / "index.json").exists()  # shards, but no store
     listed = (tmp_path / "out" / "bad_images.txt").read_text()
     assert str(corrupt) in listed and str(missing) in listed
 
@@ -302,7 +304,7 @@ def test_corrupt_and_missing_images_are_named(tmp_path, tiny_clip, capsys):
     assert (tmp_path / "out" / "bad_images.txt").is_file()
     summary = json.loads((tmp_path / "out" / "prepare.json").read_text())
     assert summary["images_left_out"] == 2
-    assert FeatureStore.open(tmp_path / "out" / "features.safetensors").ids == [names(4)[0], names(4)[2]]
+    assert FeatureStore.open(tmp_path / "out" / "features").ids == [names(4)[0], names(4)[2]]
     assert {r.image_id for r in read_captions(tmp_path / "out" / "captions.jsonl")} == {names(4)[0], names(4)[2]}
 
 
@@ -339,7 +341,7 @@ def test_prepare_never_overwrites_the_source_captions(tmp_path, how):
         prepare("folder", root, out, captions=captions, encoder="no/such-encoder", progress=False)
     assert str(source) in str(err.value) and str(out) in str(err.value)
     assert source.read_bytes() == before
-    assert not (out / "features.safetensors").exists() and not (out / "prepare.json").exists()
+    assert not (out / "features").exists() and not (out / "prepare.json").exists()
 
 
 # ------------------------------------------------------------------------------------------------ text only
@@ -351,7 +353,7 @@ def test_text_condition_clip_text(tmp_path, tiny_clip):
         "folder", root, tmp_path / "out", encoder=str(tiny_clip), condition="text", condition_caption=1, progress=False
     )
     assert summary["kind"] == "clip-text"
-    store = FeatureStore.open(tmp_path / "out" / "features.safetensors")
+    store = FeatureStore.open(tmp_path / "out" / "features")
     assert store.item_shape == (PROJ,) and store.metadata["kind"] == "clip-text"
     records = read_captions(tmp_path / "out" / "captions.jsonl")
     assert len(records) == 8 and CAPTIONS[1] not in {r.caption for r in records}  # the condition is no target
@@ -367,7 +369,7 @@ def test_text_condition_sentence_transformers(tmp_path, minilm_dir):
         "flickr8k", root, tmp_path / "out", condition="text", text_encoder=str(minilm_dir), progress=False
     )
     assert summary["kind"] == "sentence-transformers"
-    store = FeatureStore.open(tmp_path / "out" / "features.safetensors")
+    store = FeatureStore.open(tmp_path / "out" / "features")
     assert store.item_shape == (384,) and store.ids == names(4)
     assert len(read_captions(tmp_path / "out" / "captions.jsonl")) == 8
 
@@ -465,6 +467,7 @@ def test_prepare_train_caption_end_to_end(tmp_path, tiny_clip, capsys):
     )
     capsys.readouterr()
     cfg = small_config(tmp_path / "data", steps=3)
+    cfg.data.features = str(tmp_path / "data" / "features")  # prepare writes a sharded store
     cfg.data.feature_noise_std = 0.1  # CapDec noise at training time runs too
     Trainer(cfg, tmp_path / "run").train(resume=False)
     saved = Config.from_dict(json.loads((tmp_path / "run" / "config.json").read_text()))
@@ -490,7 +493,9 @@ def test_text_trained_run_captions_images(tmp_path, tiny_clip, capsys):
 
     root = folder_layout(tmp_path / "photos")
     prepare("folder", root, tmp_path / "data", encoder=str(tiny_clip), condition="text", progress=False)
-    Trainer(small_config(tmp_path / "data", steps=2), tmp_path / "run").train(resume=False)
+    cfg = small_config(tmp_path / "data", steps=2)
+    cfg.data.features = str(tmp_path / "data" / "features")
+    Trainer(cfg, tmp_path / "run").train(resume=False)
     assert main(["caption", str(root / "photos" / "p0.jpg"), "--run", str(tmp_path / "run")]) == 0
     assert capsys.readouterr().out.count("\t") == 1
 

@@ -18,14 +18,16 @@ Captions file
     ids are never converted to numbers ("007" stays "007"); an empty caption
     is an error. An image normally has several records, one per caption.
 
-Features file
-    A safetensors file with one tensor per image, named by its image id. All
+Features
+    A safetensors file with one tensor per image, named by its image id, or
+    a folder of such files (shards) with an ``index.json``: see
+    :mod:`diffcap.data.store`, which reads and writes both, lazily. All
     tensors share one *item shape* and one dtype: a pooled vector ``(D,)``, a
     token grid ``(N, D)``, or raw pixels such as ``(3, 64, 64)`` uint8.
     Floating-point values must be finite. The header's free-form metadata
     (string to string, e.g. the encoder name) travels with the file.
     safetensors stores names sorted, so ``FeatureStore.ids`` is in sorted
-    order, not the order the writer used.
+    order (within each shard), not the order the writer used.
 
 Every problem found in these files raises :class:`DataError`, whose message
 starts with the file name (and ``:line`` where one applies) and names the
@@ -36,25 +38,30 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
-
 from ..io import PathLike, atomic_output
+from .errors import DataError, describe_ids
+from .store import FeatureSpec, FeatureStore, write_features
+
+__all__ = [
+    "CaptionRecord",
+    "DataError",
+    "FeatureSpec",
+    "FeatureStore",
+    "check_ids",
+    "describe_ids",
+    "read_captions",
+    "write_captions",
+    "write_features",
+]
 
 CAPTION_FIELDS = ("image_id", "caption", "split")
 _JSONL_SUFFIXES = frozenset({".jsonl"})
 _CSV_SUFFIXES = frozenset({".csv", ".txt"})
-_MAX_NAMED = 5
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file, and the line or item where known."""
 
 
 @dataclass(frozen=True)
@@ -64,13 +71,6 @@ class CaptionRecord:
     image_id: str
     caption: str
     split: str = ""
-
-
-def describe_ids(ids: list[str]) -> str:
-    """Name at most five ids plus the total, for error messages about many items."""
-    shown = ", ".join(repr(i) for i in ids[:_MAX_NAMED])
-    more = f" and {len(ids) - _MAX_NAMED} more" if len(ids) > _MAX_NAMED else ""
-    return f"{len(ids)} id(s): {shown}{more}"
 
 
 # ---------------------------------------------------------------- captions
@@ -179,164 +179,7 @@ def write_captions(records: Iterable[CaptionRecord], path: PathLike) -> None:
             writer.writerows((r.image_id, r.caption, r.split) for r in checked)
 
 
-# ---------------------------------------------------------------- features
-
-
-def _non_finite_ids(items: Mapping[str, torch.Tensor]) -> list[str]:
-    return [
-        image_id
-        for image_id, t in items.items()
-        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all())
-    ]
-
-
-def _first_mismatch(items: Mapping[str, torch.Tensor]) -> str | None:
-    """Describe the first item whose shape or dtype differs from the first item's, if any."""
-    iterator = iter(items.items())
-    first_id, first = next(iterator)
-    for image_id, t in iterator:
-        if t.shape != first.shape or t.dtype != first.dtype:
-            return (
-                f"item {image_id!r} has shape {tuple(t.shape)} {t.dtype} but item "
-                f"{first_id!r} has shape {tuple(first.shape)} {first.dtype}; "
-                "all items must share one shape and dtype"
-            )
-    return None
-
-
-def _without_aliasing(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Copy only the tensors whose bytes overlap another item's.
-
-    safetensors refuses aliased memory (e.g. one tensor stored under two ids),
-    while disjoint rows of one batch tensor are accepted; copying only the
-    overlapping ones avoids doubling memory for the common ``batch[i]`` case.
-    """
-    out = dict(tensors)
-    covered_until = -1
-    spans = sorted((t.data_ptr(), t.data_ptr() + t.nbytes, key) for key, t in tensors.items() if t.nbytes)
-    for start, stop, key in spans:
-        if start < covered_until:
-            out[key] = tensors[key].clone()
-        else:
-            covered_until = stop
-    return out
-
-
-def write_features(
-    path: PathLike,
-    features: Mapping[str, torch.Tensor],
-    metadata: Mapping[str, str] | None = None,
-) -> None:
-    """Write per-image features to a safetensors file, atomically.
-
-    Args:
-        path: destination ``.safetensors`` file; replaced only once fully written.
-        features: image id -> tensor; all tensors must share shape and dtype,
-            and floating-point values must be finite (the reader enforces the
-            same rules, so a file that is written can always be opened).
-        metadata: optional string-to-string header metadata.
-    """
-    path = Path(path)
-    if not features:
-        raise DataError(f"{path}: no features to write")
-    tensors: dict[str, torch.Tensor] = {}
-    for image_id, value in features.items():
-        if not isinstance(image_id, str) or not image_id:
-            raise DataError(f"{path}: image ids must be non-empty strings, got {image_id!r}")
-        if not isinstance(value, torch.Tensor):
-            raise DataError(f"{path}: feature for {image_id!r} is a {type(value).__name__}, not a torch.Tensor")
-        tensors[image_id] = value.detach().cpu().contiguous()
-    if (problem := _first_mismatch(tensors)) is not None:
-        raise DataError(f"{path}: {problem}")
-    if bad := _non_finite_ids(tensors):
-        raise DataError(f"{path}: NaN or infinite values in {describe_ids(bad)}")
-    meta = dict(metadata or {})
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-        raise DataError(f"{path}: metadata keys and values must all be strings")
-    with atomic_output(path) as tmp:
-        save_file(_without_aliasing(tensors), str(tmp), metadata=meta or None)
-
-
-@dataclass(frozen=True)
-class FeatureSpec:
-    """What a features file says about its items, without the items: enough to configure a model."""
-
-    path: Path
-    item_shape: tuple[int, ...]
-    dtype: torch.dtype
-    metadata: dict[str, str]
-
-    @property
-    def is_pixels(self) -> bool:
-        return self.metadata.get("kind") == "pixels" or self.dtype == torch.uint8
-
-
-class FeatureStore:
-    """An opened, validated features file, held in memory.
-
-    Tensors returned by :meth:`all` are the store's own; treat them as read-only.
-    """
-
-    def __init__(self, path: Path, items: dict[str, torch.Tensor], metadata: dict[str, str]):
-        self.path = path
-        self._items = items
-        self.metadata = metadata
-        first = next(iter(items.values()))
-        self.item_shape: tuple[int, ...] = tuple(first.shape)
-        self.dtype: torch.dtype = first.dtype
-
-    @classmethod
-    def open(cls, path: PathLike) -> FeatureStore:
-        """Load and validate a features file written by :func:`write_features` (or any producer)."""
-        path = Path(path)
-        if not path.is_file():
-            raise DataError(f"{path}: features file not found")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = dict(f.metadata() or {})
-                items = {key: f.get_tensor(key) for key in f.keys()}
-        except (SafetensorError, OSError) as exc:
-            raise DataError(f"{path}: not a readable safetensors file, possibly truncated or corrupt ({exc})") from exc
-        if not items:
-            raise DataError(f"{path}: contains no features")
-        if (problem := _first_mismatch(items)) is not None:
-            raise DataError(f"{path}: {problem}")
-        if bad := _non_finite_ids(items):
-            raise DataError(f"{path}: NaN or infinite values in {describe_ids(bad)}")
-        return cls(path, items, metadata)
-
-    @property
-    def spec(self) -> FeatureSpec:
-        return FeatureSpec(self.path, self.item_shape, self.dtype, dict(self.metadata))
-
-    @property
-    def ids(self) -> list[str]:
-        """Image ids in file order (safetensors sorts them)."""
-        return list(self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __contains__(self, image_id: object) -> bool:
-        return image_id in self._items
-
-    def __repr__(self) -> str:
-        return f"FeatureStore({str(self.path)!r}, n={len(self)}, item_shape={self.item_shape}, dtype={self.dtype})"
-
-    def get(self, ids: list[str]) -> torch.Tensor:
-        """Stack the features of ``ids`` into a tensor of shape ``(len(ids), *item_shape)``."""
-        if isinstance(ids, str):
-            raise TypeError("FeatureStore.get takes a list of ids, not a single string")
-        missing = [i for i in dict.fromkeys(ids) if i not in self._items]
-        if missing:
-            raise DataError(f"{self.path}: no features for {describe_ids(missing)}")
-        if not ids:
-            return torch.empty((0, *self.item_shape), dtype=self.dtype)
-        return torch.stack([self._items[i] for i in ids])
-
-    def all(self) -> dict[str, torch.Tensor]:
-        """All items as a new dict, id -> tensor, in file order."""
-        return dict(self._items)
+# ---------------------------------------------------------------- features (read and written in store.py)
 
 
 def check_ids(records: Iterable[CaptionRecord], store: FeatureStore, captions_path: PathLike) -> None:

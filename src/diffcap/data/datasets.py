@@ -15,13 +15,35 @@ from .contract import CaptionRecord, DataError, FeatureStore
 log = logging.getLogger(__name__)
 
 
+class FeatureRows:
+    """The features of ``image_ids``, in that order, read from the store when indexed: ``rows[i]``,
+    ``rows[a:b]``, ``rows[list or tensor of indices]``. A split of a store larger than memory is held
+    as this, so a training process reads only the rows of its own batches."""
+
+    def __init__(self, store: FeatureStore, image_ids: list[str]):
+        self.store, self.image_ids = store, image_ids
+        self.shape = (len(image_ids), *store.item_shape)
+        self.dtype = store.dtype
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if isinstance(index, slice):
+            return self.store.get(self.image_ids[index])
+        if isinstance(index, int) or (isinstance(index, torch.Tensor) and index.dim() == 0):
+            return self.store.get([self.image_ids[int(index)]])[0]
+        positions = index.tolist() if isinstance(index, torch.Tensor) else list(index)
+        return self.store.get([self.image_ids[i] for i in positions])
+
+
 @dataclass
 class SplitData:
     """One split: unique images with their features and references, and every caption as token ids."""
 
     name: str
     image_ids: list[str]  # unique images, in file order
-    features: torch.Tensor  # [n_images x ...] aligned with image_ids
+    features: torch.Tensor | FeatureRows  # [n_images x ...] aligned with image_ids
     references: dict[str, list[str]]
     caption_ids: torch.Tensor  # [n_captions x L]
     caption_image: torch.Tensor  # [n_captions] index into image_ids
@@ -86,7 +108,7 @@ def load_split(
     return SplitData(
         name=split,
         image_ids=image_ids,
-        features=store.get(image_ids),
+        features=FeatureRows(store, image_ids),
         references=references,
         caption_ids=tokenizer.encode(captions),
         caption_image=torch.tensor([index[r.image_id] for r in rows]),
@@ -95,7 +117,10 @@ def load_split(
 
 class CaptionPairs(Dataset):
     """(token ids [L], features [...], caption index) for every caption of a split; the index lets
-    the trainer name the images of a batch whose loss is not finite."""
+    the trainer name the images of a batch whose loss is not finite.
+
+    A DataLoader fetches a whole batch with :meth:`__getitems__`: one call to the store for all of
+    its rows instead of one per caption."""
 
     def __init__(self, split: SplitData):
         self.split = split
@@ -105,3 +130,7 @@ class CaptionPairs(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         return self.split.caption_ids[i], self.split.features[self.split.caption_image[i]], i
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        feats = self.split.features[self.split.caption_image[torch.as_tensor(indices, dtype=torch.long)]]
+        return [(self.split.caption_ids[i], f, i) for i, f in zip(indices, feats)]

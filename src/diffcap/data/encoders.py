@@ -1,9 +1,9 @@
 """Encoders that turn a data set into the feature file of the contract: frozen CLIP for images, and
 text encoders (the CLIP text tower or a sentence-transformers model) for text-only training.
 
-Image extraction runs batched (fp16/bf16 on a GPU) and writes shards under ``OUT/feature_shards/``,
-each atomically, so an interrupted run resumes at the first unfinished shard; the shards are then
-merged into ``features.safetensors`` (and ``patch_features.safetensors`` for the patch grid).
+Image extraction runs batched (fp16/bf16 on a GPU) and writes the shards of the store ``OUT/features/``
+(and ``OUT/patch_features/`` for the patch grid), each atomically, so an interrupted run resumes at the
+first unfinished shard; the index that makes the folder a store is written once all are done.
 
 Pooled embeddings are L2-normalised: CLIP compares images and texts by cosine, so the norm carries
 nothing, and normalised image and text embeddings share one space, which is what lets a captioner
@@ -25,20 +25,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..io import atomic_output, save_tensors, write_json
-from .contract import DataError, describe_ids, write_features
+from ..io import atomic_output, write_json
+from .errors import DataError, describe_ids
 from .images import ImageError, load_image
+from .store import INDEX_FILE, ShardFile, shard_name, write_features, write_index, write_store
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ENCODER = "openai/clip-vit-base-patch32"
 ENCODER_KINDS = ("clip-image", "clip-text", "sentence-transformers")
-SHARD_DIR = "feature_shards"
-FEATURES_FILE, PATCH_FEATURES_FILE = "features.safetensors", "patch_features.safetensors"
+FEATURES_DIR, PATCH_FEATURES_DIR = "features", "patch_features"  # sharded stores (see data/store.py)
+MANIFEST_FILE = "manifest.json"  # what the shards were extracted from, to know when they can be reused
 
 
 def resolve_encoder(encoder: str) -> str:
@@ -193,25 +193,25 @@ class Extraction:
     computed_shards: int = 0
 
 
-def _shard_path(shard_dir: Path, k: int) -> Path:
-    return shard_dir / f"shard-{k:05d}.safetensors"
+def _finished(paths: list[Path]) -> bool:
+    """A shard is done when each of its files (pooled, and the patch grid if asked for) has been written
+    with every image read: a shard that met unreadable images is redone, in case they were fixed."""
+    for path in paths:
+        try:
+            if not path.is_file() or json.loads(ShardFile(path).metadata.get("bad", "[]")):
+                return False
+        except (DataError, json.JSONDecodeError):
+            return False
+    return True
 
 
-def _read_shard(path: Path) -> tuple[dict[str, torch.Tensor], list[list[str]]] | None:
-    """A finished shard's tensors and bad-image list, or None if it is missing or unreadable."""
-    if not path.is_file():
-        return None
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            return {k: f.get_tensor(k) for k in f.keys()}, json.loads(meta.get("bad", "[]"))
-    except (SafetensorError, OSError, json.JSONDecodeError):
-        return None
-
-
-def _start_shards(shard_dir: Path, manifest: dict) -> None:
-    """Keep the shards of an interrupted run with the same inputs; otherwise start over."""
-    path = shard_dir / "manifest.json"
+def _start_shards(folders: list[Path], manifest: dict) -> None:
+    """Keep the shards of an interrupted run with the same inputs; otherwise start over. Either way the
+    index goes until every shard is done, so a half-written store does not open."""
+    path = folders[0] / MANIFEST_FILE
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / INDEX_FILE).unlink(missing_ok=True)
     if path.is_file():
         try:
             old = json.loads(path.read_text())
@@ -219,8 +219,9 @@ def _start_shards(shard_dir: Path, manifest: dict) -> None:
             old = None
         if old == manifest:
             return
-        log.warning("%s: inputs or settings changed since the shards were written; starting over", shard_dir)
-        for stale in shard_dir.glob("shard-*.safetensors"):
+        log.warning("%s: inputs or settings changed since the shards were written; starting over", folders[0])
+    for folder in folders:
+        for stale in folder.glob("shard-*.safetensors"):
             stale.unlink()
     write_json(path, manifest)
 
@@ -236,17 +237,17 @@ def extract_image_features(
     skip_bad: bool = False,
     progress: bool = True,
 ) -> Extraction:
-    """Encode every image of ``images`` (id -> path) and write the feature file(s) into ``out_dir``.
+    """Encode every image of ``images`` (id -> path) into the sharded store(s) ``out_dir/features/``
+    (and ``out_dir/patch_features/`` for the patch grid).
 
     Shards of ``shard_size`` images (ids in sorted order) are written as they finish; a rerun with the
-    same images and settings reuses every finished shard without decoding its images again. A shard
-    that met unreadable images is redone on the next run, in case they were fixed.
+    same images and settings reuses every finished shard without decoding its images again. The index
+    that makes the folder a store is written last.
 
     Unreadable or missing images fail the run after all shards are done, with the list of files
     (also written to ``OUT/bad_images.txt``), unless ``skip_bad``: then they are left out and counted.
     """
     out_dir = Path(out_dir)
-    shard_dir = out_dir / SHARD_DIR
     ids = sorted(images)
     if not ids:
         raise DataError(f"{out_dir}: no images to encode")
@@ -258,25 +259,34 @@ def extract_image_features(
         "n_images": len(ids),
         "images_sha1": hashlib.sha1("\n".join(f"{i}\t{images[i]}" for i in ids).encode()).hexdigest(),
     }
-    _start_shards(shard_dir, manifest)
-    shards = [ids[i : i + shard_size] for i in range(0, len(ids), shard_size)]
+    outputs = ["pooled", "patches"] if encoder.patch_tokens else ["pooled"]
+    folders = {"pooled": out_dir / FEATURES_DIR, "patches": out_dir / PATCH_FEATURES_DIR}
+    folders = {name: folders[name] for name in outputs}
+    _start_shards(list(folders.values()), manifest)
+    meta = {"encoder": encoder.model_id, "kind": "clip-image", "normalized": "true"}
+    metas = {"pooled": meta | {"output": "pooled"}, "patches": meta | {"output": "patches", "normalized": "false"}}
+    written: dict[str, list[Path]] = {name: [] for name in outputs}
     result = Extraction(files={}, n_images=len(ids))
-    merged: dict[str, dict[str, torch.Tensor]] = {"pooled": {}, "patches": {}}
     bar = tqdm(total=len(ids), desc="CLIP features", unit="img", disable=not progress, dynamic_ncols=True)
-    for k, shard_ids in enumerate(shards):
-        path = _shard_path(shard_dir, k)
-        done = _read_shard(path)
-        if done is not None and not done[1]:  # finished earlier, with every image read: reuse it
-            tensors, bad = done
+    for k, start in enumerate(range(0, len(ids), shard_size)):
+        shard_ids = ids[start : start + shard_size]
+        paths = {name: folder / shard_name(k) for name, folder in folders.items()}
+        if _finished(list(paths.values())):
             result.reused_shards += 1
             bar.update(len(shard_ids))
+            bad = []
         else:
             tensors, bad = _encode_shard(shard_ids, images, encoder, batch_size, workers, bar)
-            save_tensors(path, tensors, {"bad": json.dumps(bad)})
+            for name, path in paths.items():
+                items = {key.split("/", 1)[1]: v for key, v in tensors.items() if key.startswith(name + "/")}
+                if items:
+                    write_features(path, items, metas[name] | {"bad": json.dumps(bad)})
+                else:  # every image of the shard was unreadable
+                    path.unlink(missing_ok=True)
             result.computed_shards += 1
-        for key, value in tensors.items():
-            output, image_id = key.split("/", 1)
-            merged[output][image_id] = value
+        for name, path in paths.items():
+            if path.is_file():
+                written[name].append(path)
         result.bad += [(image_id, message) for image_id, message in bad]
     bar.close()
     (out_dir / "bad_images.txt").unlink(missing_ok=True)  # a list from an earlier run would be stale
@@ -292,14 +302,11 @@ def extract_image_features(
                 f"{shown}{more}; fix or remove them, or pass --skip-bad to leave them out"
             )
         log.warning("left out %d unreadable image(s), listed in %s", len(result.bad), out_dir / "bad_images.txt")
-    if not merged["pooled"]:
+    if not written["pooled"]:
         raise DataError(f"{out_dir}: none of the {len(ids)} images could be read")
-    meta = {"encoder": encoder.model_id, "kind": "clip-image", "normalized": "true"}
-    result.files["pooled"] = out_dir / FEATURES_FILE
-    write_features(result.files["pooled"], merged["pooled"], meta | {"output": "pooled"})
-    if encoder.patch_tokens:
-        result.files["patches"] = out_dir / PATCH_FEATURES_FILE
-        write_features(result.files["patches"], merged["patches"], meta | {"output": "patches", "normalized": "false"})
+    for name, folder in folders.items():
+        write_index(folder, written[name], metas[name])
+        result.files[name] = folder
     return result
 
 
@@ -404,19 +411,19 @@ class TextEncoder:
 
 
 def write_text_features(
-    path: str | Path,
+    folder: str | Path,
     conditions: dict[str, str],
     encoder: TextEncoder,
     *,
     progress: bool = True,
     metadata: dict[str, str] | None = None,
 ) -> None:
-    """Encode one condition sentence per image (id -> sentence) into a feature file of the contract."""
+    """Encode one condition sentence per image (id -> sentence) into a sharded store of the contract."""
     if not conditions:
-        raise DataError(f"{path}: no condition sentences to encode")
+        raise DataError(f"{folder}: no condition sentences to encode")
     ids = list(conditions)
     vectors = encoder([conditions[i] for i in ids], progress=progress)
     if len(vectors) != len(ids):
         raise DataError(f"{encoder.encoder}: returned {len(vectors)} embeddings for {describe_ids(ids)}")
     meta = {"encoder": encoder.encoder, "kind": encoder.kind, "output": "pooled", "normalized": "true"}
-    write_features(path, {i: v.clone() for i, v in zip(ids, vectors)}, meta | dict(metadata or {}))
+    write_store(folder, {i: v.clone() for i, v in zip(ids, vectors)}, meta | dict(metadata or {}))

@@ -1,9 +1,9 @@
 """`diffcap prepare`: a data set layout on disk -> a data directory of the contract.
 
     OUT/captions.jsonl              caption records, split by image
-    OUT/features.safetensors        pooled features keyed by image id (metadata: encoder, kind, output)
-    OUT/patch_features.safetensors  the CLIP patch grid, with ``patch_tokens``
-    OUT/feature_shards/             resumable extraction shards (safe to delete once done)
+    OUT/features/                   pooled features keyed by image id (metadata: encoder, kind, output): a
+                                    sharded store, shard-NNNNN.safetensors + index.json (data/store.py)
+    OUT/patch_features/             the CLIP patch grid, with ``patch_tokens``; a store like features/
     OUT/prepare.json                what was done: layout, encoder, counts per split, images left out
 
 Two conditions:
@@ -25,7 +25,7 @@ from ..io import atomic_output, write_json
 from .contract import CaptionRecord, DataError, describe_ids, write_captions
 from .encoders import (
     DEFAULT_ENCODER,
-    FEATURES_FILE,
+    FEATURES_DIR,
     ClipImageEncoder,
     TextEncoder,
     extract_image_features,
@@ -123,7 +123,7 @@ def prepare(
         text = TextEncoder(text_encoder or encoder, device=device, dtype=dtype, batch_size=batch_size)
         conditions, records = split_condition_caption(layout, condition_caption)
         write_text_features(
-            out / FEATURES_FILE,
+            out / FEATURES_DIR,
             conditions,
             text,
             progress=progress,
@@ -133,7 +133,7 @@ def prepare(
             "encoder": text.encoder,
             "kind": text.kind,
             "condition_caption": condition_caption,
-            "files": {"pooled": str(out / FEATURES_FILE)},
+            "files": {"pooled": str(out / FEATURES_DIR)},
         }
     else:
         raise ValueError(f"condition {condition!r}: choose image or text")
