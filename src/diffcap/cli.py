@@ -27,7 +27,8 @@ def _data_files(data: str, run: str, features: str | None = None) -> tuple[Path,
             raise FileNotFoundError(f"{path}: feature file not found")
         return captions, path
     trained_on = _trained_features(run)
-    path = root / (Path(trained_on).name if trained_on else "features.safetensors")
+    default = "features" if (root / "features").is_dir() else "features.safetensors"  # prepare's store, or one file
+    path = root / (Path(trained_on).name if trained_on else default)
     if not path.exists():
         why = f" (the run was trained on {trained_on})" if trained_on else ""
         raise FileNotFoundError(f"{path}: feature file not found{why}; name the file with --features")
@@ -136,6 +137,13 @@ def cmd_prepare(args) -> None:
         progress=not args.no_progress,
     )
     print(json.dumps(summary, indent=2))
+
+
+def cmd_check_data(args) -> None:
+    from .data.contract import FeatureStore
+
+    for path in args.features:
+        print(json.dumps(FeatureStore.open(path).verify()))
 
 
 def cmd_train_guidance(args) -> None:
@@ -250,15 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides of the demo config")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("prepare", help="a data set on disk -> captions.jsonl + features.safetensors (CLIP or text)")
+    p = sub.add_parser("prepare", help="a data set on disk -> captions.jsonl + the store features/ (CLIP or text)")
     p.add_argument("layout", choices=["flickr8k", "flickr30k", "coco", "folder"])
     p.add_argument("--root", help="the data set folder (images, captions, split files)")
     p.add_argument("--out", required=True, help="data directory to write")
     p.add_argument("--encoder", default="openai/clip-vit-base-patch32", help="CLIP model id or local path")
     p.add_argument("--captions", help="folder layout: the captions file (default ROOT/captions.jsonl|csv)")
-    p.add_argument(
-        "--patch-tokens", action="store_true", help="also write the patch grid to patch_features.safetensors"
-    )
+    p.add_argument("--patch-tokens", action="store_true", help="also write the patch grid to the store patch_features/")
     p.add_argument(
         "--condition",
         choices=["image", "text"],
@@ -276,6 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-hub", metavar="NAME", help="online: fetch a data set with `datasets` into ROOT first")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("check-data", help="rescan feature stores: NaN/inf, shapes, the checksums recorded at writing")
+    p.add_argument("features", nargs="+", help="a features .safetensors file or a sharded store folder")
+    p.set_defaults(func=cmd_check_data)
 
     p = sub.add_parser("train-guidance", help="train a classifier-guidance model for a diffusion run")
     p.add_argument("--run", required=True, help="trained diffusion run directory (its data files are reused)")
