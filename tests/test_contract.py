@@ -237,3 +237,109 @@ def test_jsonl_written_is_one_object_per_line(tmp_path):
     write_captions(RECORDS, path)
     lines = path.read_text(encoding="utf-8").splitlines()
     assert [json.loads(line)["image_id"] for line in lines] == ["007", "007", "12"]
+
+
+# ---------------------------------------------------------------- sharded stores, lazy reading
+
+
+def _flip_payload_byte(path, back=4):
+    """Change one byte of the last item's data, leaving the header (and its record of checks) intact."""
+    data = bytearray(path.read_bytes())
+    data[-back] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_sharded_store_round_trip(tmp_path):
+    from diffcap.data.store import write_store
+
+    items = {f"img{i:02d}": torch.randn(3, 4).half() for i in range(10)}
+    write_store(tmp_path / "store", items, {"encoder": "test"}, shard_size=4)
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == [
+        "index.json",
+        "shard-00000.safetensors",
+        "shard-00001.safetensors",
+        "shard-00002.safetensors",
+    ]
+    store = FeatureStore.open(tmp_path / "store")
+    assert store.ids == sorted(items) and len(store) == 10 and "img03" in store and "x" not in store
+    assert (store.item_shape, store.dtype, store.metadata) == ((3, 4), torch.float16, {"encoder": "test"})
+    ids = ["img09", "img00", "img05", "img09"]  # across shards, repeated
+    assert torch.equal(store.get(ids), torch.stack([items[i] for i in ids]))
+    assert store.verify() == {"path": str(tmp_path / "store"), "items": 10, "shards": 3, "with_checksum": 3}
+    # each shard is a features file of the contract on its own
+    assert FeatureStore.open(tmp_path / "store" / "shard-00001.safetensors").ids == ["img04", "img05", "img06", "img07"]
+
+
+def test_opening_reads_no_items_and_verify_rescans(tmp_path):
+    """Checks are recorded when written: a payload changed later (here to NaN) is not rescanned at
+    open, and verify (diffcap check-data) finds it by the checksum."""
+    path = tmp_path / "feats.safetensors"
+    write_features(path, {"a": torch.ones(4), "b": torch.ones(4)})
+    raw = bytearray(path.read_bytes())
+    raw[-4:] = torch.tensor([float("nan")]).numpy().tobytes()
+    path.write_bytes(bytes(raw))
+    store = FeatureStore.open(path)
+    assert torch.isnan(store.get(["b"])).any()  # read as stored: opening trusted the record
+    with pytest.raises(DataError, match=r"NaN or infinite values in 1 id\(s\): 'b'"):
+        store.verify()
+    write_features(path, {"a": torch.ones(4), "b": torch.ones(4)})
+    _flip_payload_byte(path)
+    with pytest.raises(DataError, match="checksum mismatch"):
+        FeatureStore.open(path).verify()
+
+
+def test_store_reads_only_the_shards_it_needs(tmp_path):
+    from diffcap.data.store import write_store
+
+    write_store(tmp_path / "store", {f"i{k}": torch.full((2,), float(k)) for k in range(6)}, shard_size=2)
+    (tmp_path / "store" / "shard-00002.safetensors").unlink()
+    store = FeatureStore.open(tmp_path / "store")  # the index is enough to open
+    assert store.get(["i0", "i3"]).tolist() == [[0.0, 0.0], [3.0, 3.0]]
+    with pytest.raises(DataError, match="shard shard-00002.safetensors is missing"):
+        store.get(["i4"])
+
+
+def test_store_folder_without_index_or_with_a_stale_shard(tmp_path):
+    from diffcap.data.store import write_store
+
+    with pytest.raises(DataError, match="no index.json"):
+        FeatureStore.open(tmp_path)
+    write_store(tmp_path / "store", {f"i{k}": torch.zeros(2) for k in range(4)}, shard_size=2)
+    write_features(tmp_path / "store" / "shard-00001.safetensors", {"i2": torch.zeros(3), "i3": torch.zeros(3)})
+    with pytest.raises(DataError, match=r"holds 2 items of \(3,\).*index says 2 of \(2,\)"):
+        FeatureStore.open(tmp_path / "store").get(["i3"])
+
+
+def test_store_goes_to_loader_workers(tmp_path):
+    """Spawned DataLoader workers get the store by pickling: the file is reopened there."""
+    import pickle
+
+    path = tmp_path / "feats.safetensors"
+    write_features(path, {"a": torch.arange(3.0), "b": torch.arange(3.0) + 1})
+    store = pickle.loads(pickle.dumps(FeatureStore.open(path)))
+    assert store.get(["b"]).tolist() == [[1.0, 2.0, 3.0]]
+
+
+def test_feature_rows_index_like_a_tensor(tmp_path):
+    from diffcap.data.datasets import FeatureRows
+
+    path = tmp_path / "feats.safetensors"
+    table = torch.randn(5, 3)
+    write_features(path, {f"i{k}": table[k] for k in range(5)})
+    rows = FeatureRows(FeatureStore.open(path), ["i4", "i0", "i2"])
+    expected = table[[4, 0, 2]]
+    assert rows.shape == (3, 3) and len(rows) == 3
+    assert torch.equal(rows[1], expected[1]) and torch.equal(rows[torch.tensor(2)], expected[2])
+    assert torch.equal(rows[1:], expected[1:]) and torch.equal(rows[torch.tensor([2, 2, 0])], expected[[2, 2, 0]])
+
+
+def test_check_data_command(tmp_path, capsys):
+    from diffcap.cli import main
+    from diffcap.data.store import write_store
+
+    write_store(tmp_path / "store", {f"i{k}": torch.ones(2) * k for k in range(3)}, shard_size=2)
+    assert main(["check-data", str(tmp_path / "store")]) == 0
+    assert json.loads(capsys.readouterr().out)["items"] == 3
+    _flip_payload_byte(tmp_path / "store" / "shard-00001.safetensors")
+    assert main(["check-data", str(tmp_path / "store")]) == 2
+    assert "shard-00001.safetensors: checksum mismatch" in capsys.readouterr().err
