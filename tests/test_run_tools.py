@@ -110,3 +110,20 @@ def test_a_run_directory_gets_a_model_card_with_its_evaluations(patch_run, capsy
     metrics = json.loads((run / "eval-val" / "metrics.json").read_text())
     assert "pipeline_tag: image-to-text" in card and f"| eval-val | 3 | {metrics['BLEU-4']:.4f} |" in card
     assert f"| features | `{data / 'patch_features.safetensors'}` |" in card and "## Config" in card
+
+
+def test_eval_and_sample_write_the_trajectory_report(patch_run, tmp_path):
+    run, data = patch_run
+    out = tmp_path / "eval"
+    args = ["--run", str(run), "--steps", "3", "--report-images", "2"]
+    assert main(["eval", *args, "--data", str(data), "--split", "val", "--out", str(out), "--report"]) == 0
+    page = (out / "report.html").read_text()
+    assert page.count('class="item"') == 2 and page.count("sampling trajectory (3 steps)") == 2
+    assert CAPTIONS[0] in page and "CIDEr" in page  # references and metrics
+
+    features = str(data / "patch_features.safetensors")
+    assert main(["sample", *args, "--features", features, "--ids", "100", "--report", str(tmp_path / "s.html")]) == 0
+    page = (tmp_path / "s.html").read_text()
+    assert page.count("sampling trajectory (3 steps)") == 1 and "sampler.steps" in page
+    assert main(["eval", *args, "--data", str(data), "--split", "val", "--out", str(tmp_path / "plain")]) == 0
+    assert not (tmp_path / "plain" / "report.html").exists()

@@ -66,11 +66,20 @@ def cmd_sample(args) -> None:
     pipe = CaptionPipeline.from_pretrained(args.run, device=args.device)
     store = FeatureStore.open(args.features)
     ids = args.ids or store.ids
-    result = pipe(store.get(ids), **_sampler_overrides(args))
+    features, overrides = store.get(ids), _sampler_overrides(args)
+    result = pipe(features, trajectory=bool(args.report), **overrides)
     for image_id, text in zip(ids, result.texts):
         print(f"{image_id}\t{text}")
     if args.out:
         write_coco_results(args.out, dict(zip(ids, result.texts)))
+    if args.report:
+        from .evaluation.report import caption_items, write_report
+
+        pixels = dict(zip(ids, features)) if store.spec.is_pixels else None
+        items = caption_items(ids, result.texts, result.trajectories, images=pixels, limit=args.report_images)
+        settings = dataclasses.asdict(pipe.sampler_config(**overrides))
+        summary = {"run": str(args.run), "features": str(args.features), "images": len(ids), "sampler": settings}
+        write_report(args.report, items, summary, title=f"diffcap sample: {args.run}")
 
 
 def cmd_eval(args) -> None:
@@ -79,8 +88,16 @@ def cmd_eval(args) -> None:
 
     captions, features = _data_files(args.data, args.run, args.features)
     out = Path(args.out) if args.out else Path(args.run) / f"eval-{args.split}"
+    report = args.report_images if args.report else 0
     metrics = evaluate_run(
-        args.run, captions, features, args.split, out, device=args.device, **_sampler_overrides(args)
+        args.run,
+        captions,
+        features,
+        args.split,
+        out,
+        device=args.device,
+        report_images=report,
+        **_sampler_overrides(args),
     )
     if (Path(args.run) / "config.json").is_file():  # a run directory here (not a hub id): its card lists the result
         write_run_card(args.run)
@@ -220,6 +237,7 @@ def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
 
 
+REPORT_IMAGES = 50  # examples in an HTML report: each shows every sampling step
 FEATURES_HELP = "feature file (default: DATA/ + the name of the file the run was trained on)"
 
 
@@ -240,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", required=True)
     p.add_argument("--ids", nargs="*", help="image ids (default: all)")
     p.add_argument("--out", help="write COCO-format results JSON here")
+    p.add_argument("--report", metavar="HTML", help="write an HTML report of how the captions formed, step by step")
+    p.add_argument("--report-images", type=int, default=REPORT_IMAGES, help=f"images in it (default {REPORT_IMAGES})")
     _add_sampler_flags(p)
     p.set_defaults(func=cmd_sample)
 
@@ -249,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", help=FEATURES_HELP)
     p.add_argument("--split", required=True)
     p.add_argument("--out", help="output directory (default RUN/eval-SPLIT)")
+    p.add_argument("--report", action="store_true", help="also OUT/report.html: metrics, and how captions formed")
+    p.add_argument("--report-images", type=int, default=REPORT_IMAGES, help=f"images in it (default {REPORT_IMAGES})")
     _add_sampler_flags(p)
     p.set_defaults(func=cmd_eval)
 

@@ -281,11 +281,14 @@ def evaluate_run(
     *,
     device: str = "cpu",
     seed: int | None = None,
+    report_images: int = 0,
     **sampler_overrides,
 ) -> dict:
     """Caption every image of ``split`` with a trained run and score it against that split's references.
 
-    Writes ``out_dir/metrics.json`` and the COCO-format ``out_dir/results.json``; returns the metrics.
+    Writes ``out_dir/metrics.json`` and the COCO-format ``out_dir/results.json``; returns the metrics. With
+    ``report_images`` > 0 also ``out_dir/report.html``: the metrics and, for that many images, the caption,
+    the references and how the caption formed over the sampling steps (the pixels, for a CNN run).
     """
     from ..data.contract import FeatureStore, read_captions
     from ..io import write_json
@@ -300,11 +303,18 @@ def evaluate_run(
         raise DataError(f"{captions}: no captions in split {split!r}")
     store = FeatureStore.open(features)
     image_ids = list(references)
-    result = pipe(store.get(image_ids), seed=seed, **sampler_overrides)
+    features = store.get(image_ids)
+    result = pipe(features, seed=seed, trajectory=report_images > 0, **sampler_overrides)
     predictions = dict(zip(image_ids, result.texts))
     metrics = coco_metrics(predictions, references)
     metrics.update(split=split, run=str(run_dir))
     out = Path(out_dir)
     write_coco_results(out / "results.json", predictions)
     write_json(out / "metrics.json", metrics)
+    if report_images > 0:
+        from .report import caption_items, write_report
+
+        pixels = dict(zip(image_ids, features)) if store.spec.is_pixels else None
+        items = caption_items(image_ids, result.texts, result.trajectories, references, pixels, report_images)
+        write_report(out / "report.html", items, metrics, title=f"diffcap eval: {run_dir}, split {split}")
     return metrics

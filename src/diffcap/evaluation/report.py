@@ -149,3 +149,27 @@ def write_report(
     with atomic_output(path) as tmp:
         tmp.write_text(page, encoding="utf-8")
     return path
+
+
+def caption_items(
+    image_ids: Sequence[str],
+    captions: Sequence[str],
+    trajectories: Sequence[Sequence[tuple[int, str]]] | None = None,
+    references: Mapping[str, Sequence[str]] | None = None,
+    images: Mapping[str, Any] | None = None,
+    limit: int | None = None,
+) -> list[dict[str, Any]]:
+    """Report items (see :func:`write_report`) for the first ``limit`` captions: their sampling trajectory
+    (timestep, decoded x0 estimate) as a pipeline returns it, the references and the image when known."""
+    trajectories = trajectories or [[]] * len(image_ids)
+    rows = list(zip(image_ids, captions, trajectories))[:limit]
+    return [
+        {
+            "image_id": i,
+            "caption": caption,
+            "image": (images or {}).get(i),
+            "references": list((references or {}).get(i, [])),
+            "trajectory": [(f"t={t}", text) for t, text in trajectory],
+        }
+        for i, caption, trajectory in rows
+    ]
