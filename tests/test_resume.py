@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import small_config
+from conftest import make_feature_data, small_config
 from safetensors.torch import load_file
 
 import diffcap
@@ -204,3 +204,188 @@ def test_sigkilled_training_resumes_bit_identical(feature_data, tmp_path):
         (tmp_path / "full" / "checkpoints" / f"step-{steps:06d}" / "trainer_state" / "state.json").read_text()
     )
     assert a["scheduler"] == b["scheduler"] and a["step"] == b["step"] == steps
+
+
+def trained(feature_data, run: Path, steps: int, save_every: int, **train) -> Trainer:
+    cfg = small_config(feature_data, steps=steps)
+    cfg.train.save_every, cfg.train.log_every = save_every, 1
+    for key, value in train.items():
+        setattr(cfg.train, key, value)
+    trainer = Trainer(cfg, run)
+    trainer.train()
+    return trainer
+
+
+def test_nan_gradient_with_a_finite_loss_stops_before_the_update(feature_data, tmp_path):
+    """A gradient hook returns NaN at the 4th backward: the loss is finite, the gradient is not."""
+    run = tmp_path / "run"
+    cfg = small_config(feature_data, steps=8)
+    cfg.train.save_every = 2
+    trainer = Trainer(cfg, run)
+    param = next(p for p in trainer.state.model.parameters() if p.requires_grad)
+    backwards = []
+
+    def poison(grad):
+        backwards.append(1)
+        return grad * float("nan") if len(backwards) == 4 else grad
+
+    param.register_hook(poison)
+    before = {k: v.clone() for k, v in trainer.state.model.state_dict().items()}
+    with pytest.raises(FloatingPointError) as info:
+        trainer.train(resume=False)
+    message = str(info.value)
+    assert "non-finite gradient at step 4 from a finite loss" in message and "'img" in message
+    assert f"the checkpoint of step 2 is intact ({run / 'checkpoints' / 'step-000002'})" in message
+    assert [s for s, _ in RunDir(run).checkpoints()] == [2]
+    weights = trainer.state.model.state_dict()  # the update of step 4 never happened
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    assert any(not torch.equal(before[k], weights[k]) for k in before)  # steps 1-3 did train
+    resumed = Trainer(small_config(feature_data, steps=8), run)
+    assert resumed.resume() and resumed.step == 2
+
+
+def test_weights_that_are_not_finite_are_never_written(feature_data, tmp_path):
+    trainer = trained(feature_data, tmp_path / "run", steps=2, save_every=2)
+    with torch.no_grad():
+        next(iter(trainer.state.ema.module.parameters()))[0] = float("inf")
+    trainer.state.step = 3
+    with pytest.raises(FloatingPointError, match=r"step-000003: not written, the weights of step 3 .*ema\."):
+        trainer.save()
+    assert [s for s, _ in RunDir(tmp_path / "run").checkpoints()] == [2]
+
+
+def rewrite_checksums(folder: Path) -> None:
+    """What a writer of non-finite weights with valid checksums would leave (the checksums are not at fault)."""
+    from diffcap.training.rundir import CHECKSUMS, sha256
+
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != CHECKSUMS]
+    sums = {p.relative_to(folder).as_posix(): sha256(p) for p in files}
+    (folder / CHECKSUMS).write_text(json.dumps({"sha256": sums}))
+
+
+def test_checkpoint_with_non_finite_weights_is_passed_over_with_a_warning(feature_data, tmp_path, caplog):
+    from diffcap.io import save_tensors
+
+    run = tmp_path / "run"
+    trained(feature_data, run, steps=4, save_every=2)
+    newest = run / "checkpoints" / "step-000004"
+    weights = load_file(str(newest / "model.safetensors"))
+    name = next(iter(weights))
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    save_tensors(newest / "model.safetensors", weights)
+    rewrite_checksums(newest)
+    resumed = Trainer(small_config(feature_data, steps=4), run)
+    assert resumed.resume() and resumed.step == 2
+    assert "weights that are not finite" in caplog.text and name in caplog.text
+    assert (run / "checkpoints" / "unreadable-step-000004").is_dir()
+    tensors_equal(run / "model.safetensors", run / "checkpoints" / "step-000002" / "model.safetensors")
+
+
+def test_a_flipped_byte_is_found_by_its_checksum(feature_data, tmp_path, caplog):
+    from diffcap.training.rundir import DamagedCheckpoint
+
+    run = tmp_path / "run"
+    trained(feature_data, run, steps=4, save_every=2)
+    damaged = run / "checkpoints" / "step-000004" / "ema.safetensors"
+    data = bytearray(damaged.read_bytes())
+    data[-3] ^= 0x01  # a low bit of the last weight: still a finite float, and still valid safetensors
+    damaged.write_bytes(bytes(data))  # in place: the top-level ema.safetensors is the same file (a hard link)
+    with pytest.raises(DamagedCheckpoint, match=r"ema\.safetensors: contents differ from the checksum"):
+        CaptionPipeline.from_pretrained(run)
+    resumed = Trainer(small_config(feature_data, steps=4), run)
+    assert resumed.resume() and resumed.step == 2
+    assert f"{damaged}: contents differ from the SHA-256" in caplog.text
+    CaptionPipeline.from_pretrained(run)  # re-published from step 2
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_accumulation_resumes_exactly_when_the_passes_do_not_divide(tmp_path, dropout):
+    """10 captions in batches of 2 make passes of 5 micro-batches; with grad_accum 3 Accelerate ends an
+    accumulation at the end of each pass, so step k has not consumed 3k micro-batches."""
+    data = make_feature_data(tmp_path / "data", n_train=10)
+
+    def config(steps):
+        cfg = small_config(data, steps=steps)
+        cfg.train.batch_size, cfg.train.grad_accum, cfg.train.save_every = 2, 3, 4
+        cfg.model.dropout, cfg.diffusion.cond_dropout = dropout, 0.1
+        return cfg
+
+    Trainer(config(8), tmp_path / "full").train(resume=False)
+    Trainer(config(4), tmp_path / "resumed").train(resume=False)
+    state = json.loads(
+        (tmp_path / "resumed" / "checkpoints" / "step-000004" / "trainer_state" / "state.json").read_text()
+    )
+    assert state["micro_batches"] == 10  # 3 + 2 (end of the first pass) + 3 + 2
+    Trainer(config(8), tmp_path / "resumed").train()
+    for name in ("model.safetensors", "ema.safetensors"):
+        tensors_equal(tmp_path / "resumed" / name, tmp_path / "full" / name)
+
+
+def lr_at(run: Path, step: int) -> float:
+    rows = [json.loads(line) for line in (run / "logs" / "train.jsonl").read_text().splitlines()]
+    return next(r["lr"] for r in rows if r["step"] == step and "lr" in r)
+
+
+def test_resume_applies_a_new_learning_rate_and_step_count(feature_data, tmp_path):
+    from diffcap.training.trainer import lr_lambda
+
+    run = tmp_path / "run"
+    trained(feature_data, run, steps=4, save_every=4, lr=0.001)
+    trainer = trained(feature_data, run, steps=8, save_every=4, lr=0.1)
+    assert trainer.step == 8
+    assert lr_at(run, 4) == pytest.approx(0.001 * lr_lambda(trainer.cfg.train)(4))
+    assert lr_at(run, 8) == pytest.approx(0.1 * lr_lambda(trainer.cfg.train)(8))
+    assert json.loads((run / "config.json").read_text())["train"]["lr"] == 0.1  # what was used, so no lie
+
+
+def test_resume_refuses_settings_it_cannot_apply_naming_them(feature_data, tmp_path):
+    from diffcap.config import ConfigError
+
+    run = tmp_path / "run"
+    trained(feature_data, run, steps=2, save_every=2)
+    cfg = small_config(feature_data, steps=4)
+    cfg.model.n_layers, cfg.train.seed = 3, 5
+    with pytest.raises(ConfigError) as info:
+        Trainer(cfg, run).train()
+    message = str(info.value)
+    assert "model.n_layers was 2, now 3" in message and "train.seed was 0, now 5" in message
+    assert "--no-resume" in message and "a new --out" in message
+    Trainer(cfg, run).train(resume=False)  # starting afresh is what the message offers
+
+
+def test_resume_at_or_past_the_planned_steps_says_so(feature_data, tmp_path, caplog):
+    run = tmp_path / "run"
+    trained(feature_data, run, steps=4, save_every=4)
+    trainer = trained(feature_data, run, steps=3, save_every=4)
+    assert trainer.step == 4
+    assert f"{run}: already trained to step 4, so train.steps=3 trains nothing" in caplog.text
+
+
+def test_logs_after_a_resume_hold_each_step_once(feature_data, tmp_path):
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    trained(feature_data, run, steps=6, save_every=4)
+    shutil.rmtree(run / "checkpoints" / "step-000006")  # as if killed after logging steps 5 and 6
+    trained(feature_data, run, steps=8, save_every=4)
+    steps = [json.loads(line)["step"] for line in (run / "logs" / "train.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+    events = EventAccumulator(str(run / "logs" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))
+
+
+def test_a_second_trainer_on_the_same_directory_is_refused(feature_data, tmp_path):
+    from diffcap.training.rundir import RunDirError
+
+    run = tmp_path / "run"
+    holder = RunDir(run)
+    holder.lock()
+    try:
+        with pytest.raises(RunDirError, match=rf"another training run is using this directory \(pid {os.getpid()} on"):
+            Trainer(small_config(feature_data, steps=2), run).train()
+    finally:
+        holder.unlock()
+    Trainer(small_config(feature_data, steps=2), run).train()  # free again

@@ -12,10 +12,17 @@
 
 A checkpoint is written into a hidden temporary folder, synced, and renamed to ``step-NNNNNN``, so a
 folder with that name is always complete: a process killed at any moment leaves at worst a hidden
-``.step-*.tmp`` folder, which the next run deletes. Then the files that CaptionPipeline reads are
-published to the top of the run directory, each by an atomic rename; a kill in the middle of
-publishing leaves one file a checkpoint behind, and the next resume re-publishes from the newest
-checkpoint.
+``.step-*.tmp`` folder, which the next run deletes. Its ``checksums.json`` holds the SHA-256 of every
+other file, checked when the checkpoint is loaded, so a file damaged later (a flipped bit, a truncated
+copy) is found rather than trained on. Weights that are not finite are never written, and a
+checkpoint holding some is passed over like an unreadable one.
+
+Then the files that CaptionPipeline reads are published to the top of the run directory, each by an
+atomic rename; a kill in the middle of publishing leaves one file a checkpoint behind, and the next
+resume re-publishes from the newest checkpoint. The published weights are hard links to the newest
+checkpoint's files (where the file system allows): a chosen trade-off, since a second copy of each
+would double the largest files of the run. They are therefore no backup of that checkpoint; the
+older checkpoints are, and ``checkpoint.json`` names the one whose checksums cover the top level.
 
 Weights and optimizer state are safetensors and everything else is JSON: nothing is pickled, so
 loading runs no code (torch and Accelerate would save optimizer and RNG state with pickle).
@@ -23,16 +30,21 @@ loading runs no code (torch and Accelerate would save optimizer and RNG state wi
 
 from __future__ import annotations
 
+import fcntl
 import filecmp
+import hashlib
 import json
 import logging
+import os
 import random
 import re
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,11 +65,50 @@ CHECKPOINTS = "checkpoints"
 PUBLISHED_FILES = ("config.json", "body_config.json", "model.safetensors", "ema.safetensors")
 TRAINER_STATE = "trainer_state"
 CAPTIONER_STATE = "timesteps.safetensors"  # Captioner.training_state(): the timestep sampler's history
+CHECKSUMS = "checksums.json"  # in each checkpoint: {"sha256": {relative path: hex digest}}
 _NAME = re.compile(r"^step-(\d+)$")
+
+
+# What a resumed run may set differently from its checkpoint: how long it trains, its learning-rate
+# schedule, what it logs and keeps, where the data files are, and how it samples. The new values
+# apply from the resumed step on. Anything else (the model, the loss, the batch, the seed, the
+# optimizer) would make the run neither the old one nor a fresh one, so resume refuses it.
+RESUME_MAY_CHANGE = (
+    "train.steps",
+    "train.lr",
+    "train.final_lr",
+    "train.lr_schedule",
+    "train.warmup_steps",
+    "train.eval_every",
+    "train.eval_images",
+    "train.save_every",
+    "train.keep_checkpoints",
+    "train.log_every",
+    "train.progress",
+    "train.time_budget_s",
+    "data.captions",
+    "data.features",
+    "sampler.*",
+)
+
+
+def changed_settings(saved: Config, new: Config) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, new value) of every setting that differs and that a resume may not change."""
+
+    def flat(cfg: Config) -> dict[str, Any]:
+        return {f"{s}.{k}": v for s, section in cfg.to_dict().items() for k, v in section.items()}
+
+    old, now = flat(saved), flat(new)
+    may = {k for k in now if k in RESUME_MAY_CHANGE or f"{k.split('.')[0]}.*" in RESUME_MAY_CHANGE}
+    return [(k, old[k], now[k]) for k in now if k not in may and old[k] != now[k]]
 
 
 class RunDirError(FileNotFoundError):
     pass
+
+
+class DamagedCheckpoint(RunDirError):
+    """A checkpoint file whose contents are not what was written, or weights that are not finite."""
 
 
 # What makes a checkpoint unreadable (then the one before it is tried); a checkpoint that does not
@@ -74,6 +125,9 @@ class TrainingState:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     step: int = 0
+    # Micro-batches consumed so far: resume skips exactly these. Not step * grad_accum, since Accelerate
+    # also ends an accumulation at the end of each pass over the data (a step of fewer micro-batches).
+    micro: int = 0
 
 
 class RunDir:
@@ -83,6 +137,7 @@ class RunDir:
     def __init__(self, path: str | Path, *, is_main: bool = True, barrier: Callable[[], None] = lambda: None):
         self.path = Path(path)
         self.is_main, self.barrier = is_main, barrier
+        self._lock: int | None = None
 
     # ---- a trained run ---------------------------------------------------------------------------
     def load_model(self, *, ema: bool = True) -> tuple[Config, Captioner, CaptionTokenizer]:
@@ -97,11 +152,28 @@ class RunDir:
         weights = self.path / (
             "ema.safetensors" if ema and (self.path / "ema.safetensors").exists() else "model.safetensors"
         )
+        self._verify_published(weights)
         state = load_weights(weights)
+        if bad := non_finite(state):
+            raise DamagedCheckpoint(f"{weights}: weights that are not finite ({', '.join(bad[:5])})")
         check_shapes(weights, state, model.state_dict())
         model.load_state_dict(state)
         model.eval()
         return cfg, model, tokenizer
+
+    def _verify_published(self, weights: Path) -> None:
+        """Check a top-level weights file against the checksum of the checkpoint it was published
+        from (checkpoint.json names it), when that checkpoint is still there."""
+        try:
+            folder = self.path / json.loads((self.path / "checkpoint.json").read_text())["checkpoint"]
+            expected = json.loads((folder / CHECKSUMS).read_text())["sha256"][weights.name]
+        except (OSError, ValueError, KeyError):
+            return  # a run saved without checksums, or assembled by hand
+        if sha256(weights) != expected:
+            raise DamagedCheckpoint(
+                f"{weights}: contents differ from the checksum recorded in {folder / CHECKSUMS} (the file "
+                "is damaged); if the run's checkpoints are intact, resuming the training re-publishes it"
+            )
 
     def checkpoints(self) -> list[tuple[int, Path]]:
         """Complete checkpoints as (step, folder), oldest first; temporary folders are never listed."""
@@ -120,6 +192,11 @@ class RunDir:
         Returns the checkpoint's folder (on every process)."""
         self.barrier()
         final = self.checkpoint_path(state.step)
+        # Every process holds the same weights, so all of them stop here together.
+        if bad := non_finite(state.model.state_dict()) + non_finite(state.ema.module.state_dict(), "ema."):
+            raise FloatingPointError(
+                f"{final}: not written, the weights of step {state.step} are not finite ({', '.join(bad[:5])})"
+            )
         if not self.is_main:
             return final
         self._remove_partial()
@@ -141,6 +218,7 @@ class RunDir:
         if not candidates:
             return None
         self._check_fits(candidates[0], cfg)
+        self._check_settings(candidates[0], cfg)
         problems, unreadable = [], []
         for folder in candidates:
             try:
@@ -168,10 +246,45 @@ class RunDir:
         old = self.path / CHECKPOINTS
         if not self.is_main or not old.is_dir() or not any(old.iterdir()):
             return
-        aside = self.path / f"{CHECKPOINTS}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = self.path / f"{CHECKPOINTS}.replaced-{stamp}"
         old.rename(aside)
         (self.path / "checkpoint.json").unlink(missing_ok=True)
-        log.warning("%s: starting over; the earlier run's checkpoints were moved to %s", self.path, aside)
+        if (self.path / "logs").is_dir():  # its logs go with them, so the new run's logs start empty
+            (self.path / "logs").rename(self.path / f"logs.replaced-{stamp}")
+        log.warning(
+            "%s: starting over; the earlier run's checkpoints and logs were moved to *.replaced-%s", self.path, stamp
+        )
+
+    def lock(self) -> None:
+        """Hold ``train.lock`` in the run directory until :meth:`unlock` or the process ends (an
+        ``flock``, which the system releases however the process ends, so no stale lock survives a kill).
+        A second trainer on the same directory would delete the first one's temporary files as the
+        leftovers of a crash; it stops here instead, naming the process that holds the lock."""
+        if not self.is_main or self._lock is not None:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        path = self.path / "train.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunDirError(
+                f"{self.path}: another training run is using this directory ({holder}, per {path}); "
+                "wait for it to end, or train into another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(
+            fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode()
+        )
+        self._lock = fd
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)  # closing the file releases the flock
+            self._lock = None
 
     # ---- housekeeping ----------------------------------------------------------------------------
     def _remove_partial(self) -> list[Path]:
@@ -207,6 +320,22 @@ class RunDir:
             {"checkpoint": str(checkpoint.relative_to(self.path)), "step": int(_NAME.match(checkpoint.name).group(1))},
         )
 
+    def _check_settings(self, folder: Path, cfg: Config) -> None:
+        """Resume only with the settings the checkpoint was trained with, except those that may change
+        on resume (:data:`RESUME_MAY_CHANGE`): a setting ignored silently would make
+        config.json describe a run that never happened."""
+        try:
+            saved = Config.from_dict(json.loads((folder / "config.json").read_text()), str(folder / "config.json"))
+        except (OSError, ValueError):
+            return  # an unreadable checkpoint is reported when it is loaded
+        if changed := changed_settings(saved, cfg):
+            listed = "; ".join(f"{key} was {old!r}, now {new!r}" for key, old, new in changed)
+            raise ConfigError(
+                f"{self.path}: cannot resume {folder.name} with other settings ({listed}). Set them back to "
+                "resume, or start afresh: --no-resume (the earlier checkpoints are moved aside) or a new --out. "
+                f"A resume may change only {', '.join(RESUME_MAY_CHANGE)}"
+            )
+
     def _check_fits(self, folder: Path, cfg: Config) -> None:
         """The run's features must have the shape the checkpoint was trained on: say so before
         anything trains, naming both files, instead of a size-mismatch error from torch."""
@@ -234,15 +363,23 @@ def _write_checkpoint(folder: Path, state: TrainingState, cfg: Config, tokenizer
     if captioner_state := state.model.training_state():
         save_tensors(state_dir / CAPTIONER_STATE, captioner_state)
     save_tensors(state_dir / "ema.safetensors", {"n_averaged": state.ema.n_averaged})
-    write_json(state_dir / "state.json", {"step": state.step, "scheduler": state.scheduler.state_dict(), "rng": meta})
+    write_json(
+        state_dir / "state.json",
+        {"step": state.step, "micro_batches": state.micro, "scheduler": state.scheduler.state_dict(), "rng": meta},
+    )
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    write_json(folder / CHECKSUMS, {"sha256": {p.relative_to(folder).as_posix(): sha256(p) for p in files}})
 
 
 def _load_checkpoint(folder: Path, state: TrainingState) -> None:
     # Read and check everything first, so that an unreadable file changes nothing.
+    verify_checksums(folder)
     state_dir = folder / TRAINER_STATE
     saved = json.loads((state_dir / "state.json").read_text())
     weights = load_weights(folder / "model.safetensors")
     ema_weights = load_weights(folder / "ema.safetensors")
+    if bad := non_finite(weights) + non_finite(ema_weights, "ema."):
+        raise DamagedCheckpoint(f"{folder}: weights that are not finite ({', '.join(bad[:5])})")
     check_shapes(folder / "model.safetensors", weights, state.model.state_dict())
     n_averaged = load_weights(state_dir / "ema.safetensors")["n_averaged"]
     captioner_file = state_dir / CAPTIONER_STATE
@@ -255,7 +392,29 @@ def _load_checkpoint(folder: Path, state: TrainingState) -> None:
     state.scheduler.load_state_dict(saved["scheduler"])
     state.model.load_training_state(captioner_state)
     set_rng_state(rng, saved["rng"])
-    state.step = saved["step"]
+    # -1: a checkpoint written before the count was saved (the trainer then assumes full accumulations)
+    state.step, state.micro = saved["step"], saved.get("micro_batches", -1)
+
+
+def sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def verify_checksums(folder: Path) -> None:
+    """Every file listed in the checkpoint's checksums.json must have the recorded SHA-256."""
+    listed = folder / CHECKSUMS
+    if not listed.exists():
+        log.warning("%s: no %s (written by an older diffcap), so its files are not verified", folder, CHECKSUMS)
+        return
+    for name, digest in json.loads(listed.read_text())["sha256"].items():
+        if sha256(_require(folder / name)) != digest:
+            raise DamagedCheckpoint(f"{folder / name}: contents differ from the SHA-256 in {listed} (damaged)")
+
+
+def non_finite(tensors: dict[str, torch.Tensor], prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors that hold a NaN or an infinity."""
+    return [prefix + name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
 
 
 def _set_aside(folder: Path) -> Path:

@@ -25,9 +25,18 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..config import Config, TrainConfig, resolve
-from ..data.contract import FeatureSpec, FeatureStore, check_ids, describe_ids, read_captions
+from ..data.contract import (
+    CaptionRecord,
+    DataError,
+    FeatureSpec,
+    FeatureStore,
+    check_ids,
+    describe_ids,
+    read_captions,
+)
 from ..data.datasets import CaptionPairs, SplitData, load_split
 from ..diffusion.noise import StepNoise
+from ..io import atomic_output
 from ..models.factory import build_model
 from ..text.tokenizer import CaptionTokenizer
 from .rundir import RunDir, TrainingState
@@ -49,6 +58,7 @@ def load_training_data(cfg: Config) -> TrainingData:
     records = read_captions(cfg.data.captions)
     store = FeatureStore.open(cfg.data.features)
     check_ids(records, store, cfg.data.captions)
+    check_splits_apart(records, cfg.data.train_split, cfg.data.captions)
     captioned = {r.image_id for r in records}
     if unused := [i for i in store.ids if i not in captioned]:
         log.warning(
@@ -72,6 +82,20 @@ def load_training_data(cfg: Config) -> TrainingData:
         train = train.subset(cfg.data.overfit_n)
         val = train
     return TrainingData(tokenizer, train, val, store.spec)
+
+
+def check_splits_apart(records: list[CaptionRecord], train_split: str, source: str) -> None:
+    """An image whose captions are in the training split and in another one would let validation
+    (or a test) score the model on what it trained on: refuse, naming the images."""
+    splits: dict[str, set[str]] = {}
+    for r in records:
+        splits.setdefault(r.image_id, set()).add(r.split)
+    if shared := [i for i, s in splits.items() if train_split in s and len(s) > 1]:
+        others = sorted({x for i in shared for x in splits[i]} - {train_split})
+        raise DataError(
+            f"{source}: {describe_ids(shared)} have captions in the '{train_split}' split and in "
+            f"{', '.join(repr(x) for x in others)}; give each image one split"
+        )
 
 
 def add_feature_noise(feats: torch.Tensor, std: float, noise: Callable[[], StepNoise]) -> torch.Tensor:
@@ -123,6 +147,20 @@ class TrainLog:
         self.out_dir, self.enabled = out_dir, enabled
         self.path = out_dir / "logs" / "train.jsonl"
         self.writer = None
+        self.start_step = 0
+
+    def start(self, step: int) -> None:
+        """Continue the logs of a run resumed at ``step``: the records of later steps, written before
+        the run was stopped, describe training that is done again now, so they are dropped (JSONL
+        rows here; TensorBoard's when the writer opens, through its ``purge_step``)."""
+        self.start_step = step
+        if not self.enabled or not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        if len(kept) < len(lines):
+            with atomic_output(self.path) as tmp:
+                tmp.write_text("".join(kept))
 
     def __call__(self, record: dict) -> None:
         if not self.enabled:
@@ -133,7 +171,8 @@ class TrainLog:
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.out_dir / "logs" / "tensorboard"))
+            purge = self.start_step + 1 if self.start_step else None
+            self.writer = SummaryWriter(str(self.out_dir / "logs" / "tensorboard"), purge_step=purge)
         for key, value in record.items():
             if isinstance(value, (int, float)) and key != "step":
                 self.writer.add_scalar(key, value, record["step"])
@@ -181,6 +220,10 @@ class Trainer:
             shuffle=True,
             drop_last=len(self.data.train.caption_ids) >= global_batch,
             generator=generator,
+            # Workers start again each epoch (not persistent_workers): a new iterator draws its seed from
+            # `generator` as the workerless loader does, so every epoch's order is the same with or without.
+            num_workers=cfg.train.num_workers,
+            pin_memory=acc.device.type == "cuda",  # page-locked batches: no staging copy on the way to the GPU
         )
         self.model, optimizer, self.loader = acc.prepare(model, optimizer, loader)
         ema.to(acc.device)
@@ -205,9 +248,20 @@ class Trainer:
         folder = self.run_dir.resume_latest(self.state, self.cfg)
         if folder is None:
             return False
+        self._apply_schedule()
         self.last_checkpoint = (self.step, folder)
         self.resumed_at = self.step
         return True
+
+    def _apply_schedule(self) -> None:
+        """The learning rate of this run's settings at the resumed step: a resume may change train.lr and
+        the schedule (rundir.RESUME_MAY_CHANGE), and the optimizer state loaded carries the old ones.
+        With unchanged settings this recomputes exactly what LambdaLR had set."""
+        cfg, scheduler = self.cfg.train, self.scheduler
+        factor = lr_lambda(cfg)(scheduler.last_epoch)
+        scheduler.base_lrs = [cfg.lr] * len(self.optimizer.param_groups)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"], group["lr"] = cfg.lr, cfg.lr * factor
 
     def _step_noise(self, ids: torch.Tensor, micro: int) -> StepNoise:
         """The random draws of micro-batch ``micro`` (see diffusion/noise.py)."""
@@ -222,6 +276,16 @@ class Trainer:
             device=ids.device,
             gather=acc.gather,
         )
+
+    def _clip_and_check(self, model: torch.nn.Module, rows: torch.Tensor) -> None:
+        """Clip the gradient to train.grad_clip and stop before the update if its norm is not finite: a
+        loss can be finite while its gradient is not, and one NaN in the gradient spreads to every
+        weight through the clipping and Adam. With fp16 the loss scaler handles it instead (an
+        overflow at a large loss scale is expected; it skips that update and lowers the scale)."""
+        clip = self.cfg.train.grad_clip
+        norm = self.accelerator.clip_grad_norm_(model.parameters(), clip if clip > 0 else math.inf)  # inf: norm only
+        if norm is not None and self.accelerator.scaler is None:
+            self.non_finite.gradient(norm, rows, self.step + 1, self._kept())
 
     def _kept(self) -> str:
         if self.last_checkpoint is None:
@@ -247,13 +311,24 @@ class Trainer:
         cfg, acc = self.cfg.train, self.accelerator
         bar = None
         try:
+            self.run_dir.lock()
             if resume:
                 self.resume()
             else:
                 self.run_dir.start_over()
+            if self.step >= cfg.steps:
+                log.warning(
+                    "%s: already trained to step %d, so train.steps=%d trains nothing; raise train.steps to "
+                    "continue, or pass --no-resume to start over",
+                    self.out_dir,
+                    self.step,
+                    cfg.steps,
+                )
+            self.train_log.start(self.step)
+            if self.state.micro < 0:  # a checkpoint from before the count was saved
+                self.state.micro = self.step * cfg.grad_accum
             batches = self._batches()
-            micro = self.step * cfg.grad_accum
-            for _ in range(micro):  # skip what was already consumed
+            for _ in range(self.state.micro):  # skip what was already consumed
                 next(batches)
             bar = tqdm(
                 total=cfg.steps,
@@ -264,17 +339,21 @@ class Trainer:
             )
             start, last = time.time(), {}
             model = self.model.train()
+            step_rows = []  # the training rows of the step's micro-batches, to name them in an error
             while self.step < cfg.steps:
                 ids, feats, index = next(batches)
+                micro = self.state.micro  # keys the micro-batch's random draws
                 feats = add_feature_noise(feats, self.cfg.data.feature_noise_std, partial(self._step_noise, ids, micro))
+                step_rows.append(index)
                 with acc.accumulate(model), acc.autocast():
                     terms = self.state.model.training_losses(ids, feats, noise=self._step_noise(ids, micro), net=model)
-                    micro += 1
+                    self.state.micro += 1
                     # Checked before the update, so the last checkpoint stays good.
                     scalars = self.non_finite.scalars(terms, index, self.step + 1, self._kept())
                     acc.backward(terms["loss"])
-                    if acc.sync_gradients and cfg.grad_clip > 0:
-                        acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    if acc.sync_gradients:
+                        self._clip_and_check(model, torch.cat(step_rows))
+                        step_rows = []
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 if not acc.sync_gradients:
@@ -308,3 +387,4 @@ class Trainer:
             if bar is not None:
                 bar.close()
             self.train_log.close()
+            self.run_dir.unlock()

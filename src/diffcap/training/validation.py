@@ -64,7 +64,8 @@ class Validator:
 class NonFiniteCheck:
     """Averages a step's scalar loss terms over the processes (one all-reduce per step, which also tells
     every process whether any loss is non-finite) and, before the update, stops training with the
-    images of the captions whose loss is not finite."""
+    images of the captions whose loss is not finite, or, for a gradient that is not finite, those of
+    the step's batch."""
 
     def __init__(self, accelerator: Accelerator, train: SplitData, captions_path: str):
         self.accelerator, self.train, self.captions_path = accelerator, train, captions_path
@@ -82,6 +83,27 @@ class NonFiniteCheck:
             self._raise(terms, index, step, kept)
         return {k: float(v) / world for k, v in zip(names, values[1:])}
 
+    def gradient(self, norm: torch.Tensor | float, rows: torch.Tensor, step: int, kept: str) -> None:
+        """Stop if the gradient norm of the step (the same on every process once DDP has averaged the
+        gradients; reduced anyway, so that all processes agree) is not finite; ``rows``: this
+        process's rows of the training split in the step's micro-batches."""
+        bad = (~torch.isfinite(torch.as_tensor(norm, dtype=torch.float32))).float().reshape(1)
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad.to(self.accelerator.device), "sum")
+        if bad.item() > 0:
+            images = self._images(rows.tolist())
+            raise FloatingPointError(
+                f"non-finite gradient at step {step} from a finite loss (batch of {len(images)} image(s) from "
+                f"{self.captions_path}: {describe_ids(images)}); stopped before the update, {kept}"
+            )
+
+    def _images(self, local: list[int]) -> list[str]:
+        """The images of training rows ``local``, gathered from every process, each named once."""
+        images = [self.train.image_ids[int(self.train.caption_image[i])] for i in local]
+        if self.accelerator.num_processes > 1:
+            images = gather_object(images)
+        return list(dict.fromkeys(images))
+
     def _raise(self, terms: dict, index: torch.Tensor, step: int, kept: str) -> None:
         local = index.tolist()
         culprits: list[int] = []
@@ -91,10 +113,7 @@ class NonFiniteCheck:
             if per is not None and per.numel() % len(local) == 0:  # [K*B]: name the captions themselves
                 rows = (~torch.isfinite(per.detach().view(-1, len(local)))).any(0)
                 culprits = [local[i] for i in rows.nonzero().flatten().tolist()] or local
-        images = [self.train.image_ids[int(self.train.caption_image[i])] for i in culprits]
-        if self.accelerator.num_processes > 1:
-            images = gather_object(images)
-        images = list(dict.fromkeys(images))
+        images = self._images(culprits)
         raise FloatingPointError(
             f"non-finite loss at step {step} (batch of {len(local) * self.accelerator.num_processes} "
             f"captions from {self.captions_path}); non-finite for image {describe_ids(images)}; "
