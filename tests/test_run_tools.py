@@ -127,3 +127,34 @@ def test_eval_and_sample_write_the_trajectory_report(patch_run, tmp_path):
     assert page.count("sampling trajectory (3 steps)") == 1 and "sampler.steps" in page
     assert main(["eval", *args, "--data", str(data), "--split", "val", "--out", str(tmp_path / "plain")]) == 0
     assert not (tmp_path / "plain" / "report.html").exists()
+
+
+def test_token_recovery_counts_what_comes_back_from_x_t(patch_run):
+    from diffcap.evaluation.diagnose import token_recovery
+    from diffcap.pipeline import CaptionPipeline
+
+    run, _ = patch_run
+    pipe = CaptionPipeline.from_pretrained(run)
+    ids = pipe.tokenizer.encode(CAPTIONS)
+    features = torch.zeros(len(CAPTIONS), 3, 8)
+    T = pipe.cfg.diffusion.num_timesteps
+    # an oracle denoiser restores everything at any noise level
+    oracle = lambda x_t, t, cond, self_cond: pipe.model.embedding(ids[: len(x_t)])  # noqa: E731
+    pipe.model.forward = oracle
+    assert {(r.tokens, r.words, r.captions) for r in token_recovery(pipe, ids, features, [0, T - 1])} == {(1, 1, 1)}
+    # one that returns x_t as its x0 estimate restores the nearly clean x_0 and not the pure noise x_{T-1}
+    pipe.model.forward = lambda x_t, t, cond, self_cond: x_t
+    low, high = token_recovery(pipe, ids, features, [0, T - 1])
+    assert low.words > 0.9 and high.words < 0.3 and high.captions == 0
+
+
+def test_diagnose_writes_table_and_plot(patch_run, tmp_path, capsys):
+    from PIL import Image
+
+    run, data = patch_run
+    out = tmp_path / "diag"
+    assert main(["diagnose", "--run", str(run), "--data", str(data), "--points", "5", "--out", str(out)]) == 0
+    result = json.loads((out / "recovery.json").read_text())
+    assert [r["t"] for r in result["rows"]] == [0, 50, 100, 149, 199] and result["captions"] == 3
+    assert "| 199 |" in (out / "recovery.md").read_text() and "| 199 |" in capsys.readouterr().out
+    assert Image.open(out / "recovery.png").size == (640, 400)

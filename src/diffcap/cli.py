@@ -204,6 +204,26 @@ def cmd_distill(args) -> None:
     print(f"train on it with data.captions={args.out} data.features={features}")
 
 
+def cmd_diagnose(args) -> None:
+    from .evaluation.diagnose import diagnose_run, markdown_table
+
+    captions, features = _data_files(args.data, args.run, args.features)
+    out = Path(args.out) if args.out else Path(args.run) / f"diagnose-{args.split}"
+    rows = diagnose_run(
+        args.run,
+        captions,
+        features,
+        out,
+        split=args.split,
+        max_captions=args.captions,
+        points=args.points,
+        seed=args.seed,
+        device=args.device,
+    )
+    print(markdown_table(rows), end="")
+    print(f"wrote {out / 'recovery.json'}, recovery.md and recovery.png")
+
+
 def cmd_sweep(args) -> None:
     from .experiments.sweep import run_sweep
 
@@ -273,6 +293,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-images", type=int, default=REPORT_IMAGES, help=f"images in it (default {REPORT_IMAGES})")
     _add_sampler_flags(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("diagnose", help="token recovery of the x0 estimate per timestep, from x_t of true captions")
+    p.add_argument("--run", required=True)
+    p.add_argument("--data", required=True, help="directory with captions.jsonl|csv and the feature file")
+    p.add_argument("--features", help=FEATURES_HELP)
+    p.add_argument("--split", default="val")
+    p.add_argument("--out", help="output directory (default RUN/diagnose-SPLIT)")
+    p.add_argument("--captions", type=int, default=200, help="captions of the split measured (default 200)")
+    p.add_argument("--points", type=int, default=21, help="timesteps measured, evenly from 0 to T-1 (default 21)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_diagnose)
 
     p = sub.add_parser("demo", help="synthetic scenes, trained and captioned end to end")
     p.add_argument("--out", default="demo_out")
