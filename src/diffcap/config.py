@@ -169,6 +169,9 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
     time_budget_s: float = 0.0  # stop training after this many seconds (0 = no limit)
+    # DataLoader processes that read batches from the feature store while the model steps (0: the
+    # training process reads them itself, which keeps up with small pooled features; see BENCHMARKS.md)
+    num_workers: int = 0
 
 
 @dataclass
@@ -324,6 +327,8 @@ def validate(cfg: Config) -> None:
     validate_sampler(cfg.sampler, cfg.diffusion.num_timesteps)
     if cfg.model.d_model % cfg.model.n_heads:
         raise ConfigError(f"model.d_model={cfg.model.d_model} is not divisible by model.n_heads={cfg.model.n_heads}")
+    if cfg.train.num_workers < 0:
+        raise ConfigError(f"train.num_workers must be >= 0, got {cfg.train.num_workers}")
     if cfg.diffusion.grid_steps < 1:
         raise ConfigError(f"diffusion.grid_steps must be at least 1, got {cfg.diffusion.grid_steps}")
     if not 0 <= cfg.diffusion.unroll_prob <= 1:
