@@ -151,7 +151,8 @@ def test_nan_loss_stops_with_step_and_images_and_keeps_the_checkpoint(feature_da
     cfg.train.save_every, cfg.train.log_every = 4, 1
     trainer = Trainer(cfg, run)
     real = trainer.state.model.training_losses
-    calls, open_outputs = [], []
+    calls, open_outputs, poisoned_image = [], [], []
+    train = trainer.data.train
 
     def poisoned(ids, feats, **kw):
         terms = real(ids, feats, **kw)
@@ -159,6 +160,8 @@ def test_nan_loss_stops_with_step_and_images_and_keeps_the_checkpoint(feature_da
         if len(calls) == 6:
             # step 6: one caption's loss becomes NaN, as from a bad example
             open_outputs.extend([trainer.train_log.writer, bars[-1].closed_by_train])
+            row = (train.caption_ids == ids[3]).all(1).nonzero().item()  # the test's captions are all different
+            poisoned_image.append(train.image_ids[int(train.caption_image[row])])
             per = terms["per_sample"].clone()
             per[3] = float("nan")
             terms["per_sample"] = per
@@ -170,7 +173,7 @@ def test_nan_loss_stops_with_step_and_images_and_keeps_the_checkpoint(feature_da
         trainer.train(resume=False)
     message = str(info.value)
     assert "non-finite loss at step 6" in message and "captions.jsonl" in message
-    assert re.search(r"non-finite for image 1 id\(s\): 'img\d'", message)
+    assert f"non-finite for image 1 id(s): '{poisoned_image[0]}';" in message
     assert f"the checkpoint of step 4 is intact ({run / 'checkpoints' / 'step-000004'})" in message
     writer, bar_was_closed = open_outputs  # open when the error struck, closed on the way out
     assert writer is not None and writer.all_writers is None and trainer.train_log.writer is None
@@ -180,3 +183,57 @@ def test_nan_loss_stops_with_step_and_images_and_keeps_the_checkpoint(feature_da
     resumed = Trainer(small_config(feature_data, steps=10), run)
     assert resumed.resume() and resumed.step == 4
     assert _digest(run / "checkpoints" / "step-000004") == saved
+
+
+def test_an_image_in_two_splits_is_refused_naming_it(feature_data):
+    captions = feature_data / "captions.jsonl"
+    records = [CaptionRecord(f"img{i}", "a dog runs", "train") for i in range(8)]
+    records += [CaptionRecord("val0", "a cat", "val"), CaptionRecord("img5", "a bird", "val")]
+    write_captions(records, captions)
+    with pytest.raises(
+        DataError, match=rf"^{re.escape(str(captions))}: 1 id\(s\): 'img5' have captions in the 'train' "
+    ):
+        load_training_data(small_config(feature_data))
+
+
+@pytest.mark.parametrize("size", [(1, 30000), (25, 600), (300, 200)])
+def test_extreme_image_shapes_are_errors_before_decoding(tmp_path, size, monkeypatch):
+    from PIL import Image, ImageFile
+
+    from diffcap.data import images
+
+    path = tmp_path / "strip.png"
+    Image.new("L", size).save(path)
+    monkeypatch.setattr(images, "MAX_SIDE", 250)  # plays a 20000-pixel side
+    with pytest.raises(images.ImageError, match=rf"^{re.escape(str(path))}: {size[0]} x {size[1]} pixels is outside"):
+        images.load_image(path)
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("decoded before the check"))
+    with pytest.raises(images.ImageError):
+        images.load_image(path)
+
+
+def test_only_the_usual_formats_are_opened(tmp_path):
+    from PIL import Image
+
+    from diffcap.data.images import ImageError, load_image
+
+    path = tmp_path / "photo.jpg"
+    Image.new("RGB", (8, 8)).save(path, format="PCX")  # a format Pillow reads, but not one of the usual
+    with pytest.raises(ImageError, match="not a readable image"):
+        load_image(path)
+    eps = tmp_path / "drawing.jpg"
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n")  # would go to Ghostscript
+    with pytest.raises(ImageError, match="not a readable image"):
+        load_image(eps)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    from PIL import Image
+
+    from diffcap.data.images import load_image
+
+    path = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display": stored landscape, shown portrait
+    Image.new("RGB", (40, 20), "red").save(path, exif=exif)
+    assert load_image(path).size == (20, 40)

@@ -164,12 +164,19 @@ def test_remove_partial_renames_back_a_folder_left_aside(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "tokenizer"]
 
 
-def test_sigkilled_training_resumes_bit_identical(feature_data, tmp_path):
+def test_sigkilled_training_resumes_bit_identical(tmp_path):
     """Kill a real `diffcap train` process with SIGKILL once a checkpoint exists, rerun the same
-    command, and compare with an uninterrupted run: data order, RNG, EMA and LR schedule restored."""
-    steps = 80
-    cfg = small_config(feature_data, steps=steps)
-    cfg.train.save_every, cfg.train.keep_checkpoints = 5, 2
+    command, and compare with an uninterrupted run: data order, RNG, EMA and LR schedule restored.
+    Every source of randomness is on (model dropout, condition dropout, CapDec noise), validation
+    runs in the middle, and 10 captions in batches of 2 make passes of 5 micro-batches, which
+    accumulations of 3 do not divide."""
+    steps = 40
+    cfg = small_config(make_feature_data(tmp_path / "data", n_train=10), steps=steps)
+    cfg.model.dropout, cfg.diffusion.cond_dropout, cfg.data.feature_noise_std = 0.1, 0.1, 0.1
+    cfg.train.batch_size, cfg.train.grad_accum = 2, 3
+    # validation right after the checkpoints of steps 10, 20, ...: a resume from one of them must not need it
+    cfg.train.save_every, cfg.train.keep_checkpoints, cfg.train.eval_every, cfg.train.eval_images = 5, 2, 10, 2
+    cfg.train.log_every = 1
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(cfg.to_dict()))
     threads = torch.get_num_threads()
@@ -183,14 +190,14 @@ def test_sigkilled_training_resumes_bit_identical(feature_data, tmp_path):
     command = [sys.executable, "-m", "diffcap.cli", "train", "--config", str(config), "--out", str(run)]
     proc = subprocess.Popen(command, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
-    while not RunDir(run).checkpoints() and proc.poll() is None and time.time() < deadline:
+    while RunDir(run).checkpoints()[-1:] < [(10,)] and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     assert proc.poll() is None, f"training ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     proc.stderr.close()
     killed_at = RunDir(run).checkpoints()[-1][0]
-    assert killed_at < steps
+    assert 10 <= killed_at < steps
 
     out = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -204,6 +211,14 @@ def test_sigkilled_training_resumes_bit_identical(feature_data, tmp_path):
         (tmp_path / "full" / "checkpoints" / f"step-{steps:06d}" / "trainer_state" / "state.json").read_text()
     )
     assert a["scheduler"] == b["scheduler"] and a["step"] == b["step"] == steps
+    # and the logs tell the same story: each step once, the same losses, validation included
+    assert log_rows(run) == log_rows(tmp_path / "full")
+    assert [row["step"] for row in log_rows(run) if "val/CIDEr" in row] == [10, 20, 30, 40]
+
+
+def log_rows(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "logs" / "train.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k != "elapsed_s"} for row in rows]
 
 
 def trained(feature_data, run: Path, steps: int, save_every: int, **train) -> Trainer:
@@ -389,3 +404,13 @@ def test_a_second_trainer_on_the_same_directory_is_refused(feature_data, tmp_pat
     finally:
         holder.unlock()
     Trainer(small_config(feature_data, steps=2), run).train()  # free again
+
+
+def test_a_validation_cut_short_by_a_kill_is_redone_on_resume(feature_data, tmp_path):
+    run = tmp_path / "run"
+    trained(feature_data, run, steps=4, save_every=4, eval_every=4, eval_images=2)
+    log = run / "logs" / "train.jsonl"
+    rows = log.read_text().splitlines()
+    log.write_text("".join(line + "\n" for line in rows if "val/CIDEr" not in line))  # killed while validating
+    trained(feature_data, run, steps=6, save_every=4, eval_every=4, eval_images=2)
+    assert [row["step"] for row in log_rows(run) if "val/CIDEr" in row] == [4, 6]

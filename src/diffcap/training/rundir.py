@@ -86,6 +86,7 @@ RESUME_MAY_CHANGE = (
     "train.log_every",
     "train.progress",
     "train.time_budget_s",
+    "train.num_workers",
     "data.captions",
     "data.features",
     "sampler.*",

@@ -148,6 +148,7 @@ class TrainLog:
         self.path = out_dir / "logs" / "train.jsonl"
         self.writer = None
         self.start_step = 0
+        self.validated: set[int] = set()  # the steps whose validation the log holds
 
     def start(self, step: int) -> None:
         """Continue the logs of a run resumed at ``step``: the records of later steps, written before
@@ -158,6 +159,7 @@ class TrainLog:
             return
         lines = self.path.read_text().splitlines(keepends=True)
         kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.validated = {r["step"] for r in map(json.loads, kept) if any(k.startswith("val/") for k in r)}
         if len(kept) < len(lines):
             with atomic_output(self.path) as tmp:
                 tmp.write_text("".join(kept))
@@ -298,6 +300,13 @@ class Trainer:
         while True:
             yield from self.loader
 
+    def _validate(self, done: bool) -> None:
+        """The validation report, at every train.eval_every steps and at the last step."""
+        every = self.cfg.train.eval_every
+        if every and (self.step % every == 0 or done) and self.accelerator.is_main_process:
+            self.train_log({"step": self.step, **self.validator(self.ema.module)})
+            self.model.train()
+
     def _over_budget(self, start: float) -> bool:
         budget = self.cfg.train.time_budget_s
         if budget <= 0:
@@ -325,6 +334,9 @@ class Trainer:
                     cfg.steps,
                 )
             self.train_log.start(self.step)
+            if self.resumed_at and self.step not in self.train_log.validated:
+                # The checkpoint is written before validation, so a kill during it loses only the report.
+                self._validate(done=self.step >= cfg.steps)
             if self.state.micro < 0:  # a checkpoint from before the count was saved
                 self.state.micro = self.step * cfg.grad_accum
             batches = self._batches()
@@ -377,9 +389,7 @@ class Trainer:
                     )
                 if self.step % cfg.save_every == 0 or done:  # before validation, so an error there costs no work
                     self.save()
-                if cfg.eval_every and (self.step % cfg.eval_every == 0 or done) and acc.is_main_process:
-                    self.train_log({"step": self.step, **self.validator(self.ema.module)})
-                    model.train()
+                self._validate(done)
                 if done:
                     break
             return {"steps": self.step, "train_s": time.time() - start, **last}
