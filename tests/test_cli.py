@@ -50,7 +50,7 @@ def test_train_sample_eval_smoke(feature_data, tmp_path, capsys):
     metrics = json.loads((run / "eval-val" / "metrics.json").read_text())
     assert {"BLEU-4", "METEOR", "ROUGE_L", "CIDEr"} <= set(metrics) and metrics["n_images"] == 4
     assert len(json.loads((run / "eval-val" / "results.json").read_text())) == 4
-    assert f"| eval-val | 4 | {metrics['BLEU-4']:.4f} |" in (run / "README.md").read_text()  # the model card
+    assert f"| eval-val | 4 | 4 | {metrics['BLEU-4']:.4f} |" in (run / "README.md").read_text()  # the model card
 
 
 def test_clear_errors(feature_data, tmp_path, capsys):

@@ -108,7 +108,7 @@ def test_a_run_directory_gets_a_model_card_with_its_evaluations(patch_run, capsy
     assert main(["eval", "--run", str(run), "--data", str(data), "--split", "val"]) == 0
     card = (run / "README.md").read_text()
     metrics = json.loads((run / "eval-val" / "metrics.json").read_text())
-    assert "pipeline_tag: image-to-text" in card and f"| eval-val | 3 | {metrics['BLEU-4']:.4f} |" in card
+    assert "pipeline_tag: image-to-text" in card and f"| eval-val | 6 | 3 | {metrics['BLEU-4']:.4f} |" in card
     assert f"| features | `{data / 'patch_features.safetensors'}` |" in card and "## Config" in card
 
 

@@ -89,10 +89,11 @@ def render_model_card(cfg: Config, name: str, source: PathLike | None = None) ->
         lines += ["", f"Last validation (step {validation.get('step')}): {scores}."]
     lines += ["", "## Metrics", ""]
     if evals:
-        lines += ["| evaluation | images | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 2) + "|"]
+        lines += ["| evaluation | step | images | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 3) + "|"]
         for folder, metrics in evals.items():
-            cells = [_number(metrics.get(k)) for k in METRICS]
-            lines.append(f"| {folder} | {metrics.get('n_images', 'n/a')} | " + " | ".join(cells) + " |")
+            cells = [str(metrics.get("train_step", "n/a")), str(metrics.get("n_images", "n/a"))]
+            cells += [_number(metrics.get(k)) for k in METRICS]
+            lines.append(f"| {folder} | " + " | ".join(cells) + " |")
     else:
         lines.append("Not evaluated yet: `diffcap eval --run RUN --data DATA --split test` adds a row here.")
     s = cfg.sampler

@@ -308,6 +308,9 @@ def evaluate_run(
     predictions = dict(zip(image_ids, result.texts))
     metrics = coco_metrics(predictions, references)
     metrics.update(split=split, run=str(run_dir))
+    published = Path(pipe.run_dir) / "checkpoint.json"  # which training step the weights are from
+    if published.is_file():
+        metrics["train_step"] = json.loads(published.read_text()).get("step")
     out = Path(out_dir)
     write_coco_results(out / "results.json", predictions)
     write_json(out / "metrics.json", metrics)
