@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import make_feature_data, small_config
 from safetensors.torch import save_file
+from test_prepare import tiny_clip  # noqa: F401  (a fixture)
 
 from diffcap.cli import main
 from diffcap.data.contract import CaptionRecord, DataError, write_captions
@@ -237,3 +238,21 @@ def test_exif_orientation_is_applied(tmp_path):
     exif[0x0112] = 6  # "rotate 90 degrees clockwise to display": stored landscape, shown portrait
     Image.new("RGB", (40, 20), "red").save(path, exif=exif)
     assert load_image(path).size == (20, 40)
+
+
+def test_an_image_replaced_under_the_same_name_is_encoded_again(tmp_path, tiny_clip):  # noqa: F811
+    from test_prepare import CountingEncoder, jpeg
+
+    from diffcap.data.contract import FeatureStore
+    from diffcap.data.encoders import ClipImageEncoder, extract_image_features
+
+    images = {f"i{i}": jpeg(tmp_path / "img" / f"i{i}.jpg", i) for i in range(3)}
+    clip = ClipImageEncoder(str(tiny_clip))
+    extract_image_features(images, tmp_path / "out", clip, batch_size=2, shard_size=2, progress=False)
+    jpeg(images["i1"], 7)  # another picture, same file name
+    again = CountingEncoder(clip)
+    extract_image_features(images, tmp_path / "out", again, batch_size=2, shard_size=2, progress=False)
+    assert again.images == 3
+    fresh = extract_image_features(images, tmp_path / "fresh", clip, batch_size=2, shard_size=2, progress=False)
+    store, expected = FeatureStore.open(tmp_path / "out" / "features"), FeatureStore.open(fresh.files["pooled"])
+    assert torch.equal(store.get(["i1"]), expected.get(["i1"]))

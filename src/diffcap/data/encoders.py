@@ -226,6 +226,16 @@ def _start_shards(folders: list[Path], manifest: dict) -> None:
     write_json(path, manifest)
 
 
+def _file_key(path: Path) -> str:
+    """A file's path, size and modification time: an image replaced under the same name changes it, so
+    its shard is not reused (hashing every image's bytes would cost a read of the whole data set)."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return f"{path}\tmissing"
+    return f"{path}\t{st.st_size}\t{st.st_mtime_ns}"
+
+
 def extract_image_features(
     images: dict[str, Path],
     out_dir: str | Path,
@@ -257,7 +267,7 @@ def extract_image_features(
         "patch_tokens": encoder.patch_tokens,
         "shard_size": shard_size,
         "n_images": len(ids),
-        "images_sha1": hashlib.sha1("\n".join(f"{i}\t{images[i]}" for i in ids).encode()).hexdigest(),
+        "images_sha1": hashlib.sha1("\n".join(f"{i}\t{_file_key(images[i])}" for i in ids).encode()).hexdigest(),
     }
     outputs = ["pooled", "patches"] if encoder.patch_tokens else ["pooled"]
     folders = {"pooled": out_dir / FEATURES_DIR, "patches": out_dir / PATCH_FEATURES_DIR}
