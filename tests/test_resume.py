@@ -414,3 +414,27 @@ def test_a_validation_cut_short_by_a_kill_is_redone_on_resume(feature_data, tmp_
     log.write_text("".join(line + "\n" for line in rows if "val/CIDEr" not in line))  # killed while validating
     trained(feature_data, run, steps=6, save_every=4, eval_every=4, eval_images=2)
     assert [row["step"] for row in log_rows(run) if "val/CIDEr" in row] == [4, 6]
+
+
+def test_resume_with_another_number_of_processes_is_refused(feature_data, tmp_path):
+    from diffcap.config import ConfigError
+
+    run = tmp_path / "run"
+    trained(feature_data, run, steps=2, save_every=2)
+    trainer = Trainer(small_config(feature_data, steps=4), run)
+    trainer.state.processes = 2  # as under `accelerate launch --num_processes 2`
+    with pytest.raises(ConfigError, match=r"step-000002: trained by 1 process\(es\), resumed by 2"):
+        trainer.resume()
+
+
+def test_a_run_directory_is_validated_when_loaded(feature_data, tmp_path):
+    from diffcap.config import ConfigError
+
+    run = tmp_path / "run"
+    trained(feature_data, run, steps=2, save_every=2)
+    saved = json.loads((run / "config.json").read_text())
+    for section, key, value in [("sampler", "mbr", 1000000), ("sampler", "method", "bogus")]:
+        (run / "config.json").unlink()  # a hard link to the checkpoint's: replace it, do not write through it
+        (run / "config.json").write_text(json.dumps(saved | {section: saved[section] | {key: value}}))
+        with pytest.raises(ConfigError, match=rf"config.json: .*sampler.{key}"):
+            RunDir(run).load_model()

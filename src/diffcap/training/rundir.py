@@ -129,6 +129,7 @@ class TrainingState:
     # Micro-batches consumed so far: resume skips exactly these. Not step * grad_accum, since Accelerate
     # also ends an accumulation at the end of each pass over the data (a step of fewer micro-batches).
     micro: int = 0
+    processes: int = 1  # the global batch, and so the data order, depends on it
 
 
 class RunDir:
@@ -366,7 +367,13 @@ def _write_checkpoint(folder: Path, state: TrainingState, cfg: Config, tokenizer
     save_tensors(state_dir / "ema.safetensors", {"n_averaged": state.ema.n_averaged})
     write_json(
         state_dir / "state.json",
-        {"step": state.step, "micro_batches": state.micro, "scheduler": state.scheduler.state_dict(), "rng": meta},
+        {
+            "step": state.step,
+            "micro_batches": state.micro,
+            "processes": state.processes,
+            "scheduler": state.scheduler.state_dict(),
+            "rng": meta,
+        },
     )
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     write_json(folder / CHECKSUMS, {"sha256": {p.relative_to(folder).as_posix(): sha256(p) for p in files}})
@@ -377,6 +384,12 @@ def _load_checkpoint(folder: Path, state: TrainingState) -> None:
     verify_checksums(folder)
     state_dir = folder / TRAINER_STATE
     saved = json.loads((state_dir / "state.json").read_text())
+    if saved.get("processes", state.processes) != state.processes:
+        raise ConfigError(
+            f"{folder}: trained by {saved['processes']} process(es), resumed by {state.processes}: the global "
+            "batch, and so the data order, would change; resume with as many processes, or start afresh "
+            "(--no-resume, or a new --out)"
+        )
     weights = load_weights(folder / "model.safetensors")
     ema_weights = load_weights(folder / "ema.safetensors")
     if bad := non_finite(weights) + non_finite(ema_weights, "ema."):

@@ -229,7 +229,7 @@ class Trainer:
         )
         self.model, optimizer, self.loader = acc.prepare(model, optimizer, loader)
         ema.to(acc.device)
-        self.state = TrainingState(acc.unwrap_model(self.model), ema, optimizer, scheduler)
+        self.state = TrainingState(acc.unwrap_model(self.model), ema, optimizer, scheduler, processes=acc.num_processes)
         self.ema, self.optimizer, self.scheduler = ema, optimizer, scheduler
         self.train_log = TrainLog(self.out_dir, acc.is_main_process)
         self.validator = Validator(cfg, self.tokenizer, self.data.val, acc.device, acc.autocast)
