@@ -256,3 +256,24 @@ def test_an_image_replaced_under_the_same_name_is_encoded_again(tmp_path, tiny_c
     fresh = extract_image_features(images, tmp_path / "fresh", clip, batch_size=2, shard_size=2, progress=False)
     store, expected = FeatureStore.open(tmp_path / "out" / "features"), FeatureStore.open(fresh.files["pooled"])
     assert torch.equal(store.get(["i1"]), expected.get(["i1"]))
+
+
+def test_caption_reads_the_encoder_a_run_names_only_from_this_machine(feature_data, tmp_path, tiny_clip):  # noqa: F811
+    import json
+
+    from PIL import Image
+
+    from diffcap.captioning import caption_images
+
+    run = tmp_path / "run"
+    Trainer(small_config(feature_data, steps=2), run).train(resume=False)  # 16-wide features, as tiny CLIP's
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["data"] |= {"encoder": "someone/not-on-this-machine", "encoder_kind": "clip-image"}
+    (run / "config.json").unlink()  # a hard link to the checkpoint's: replace it, do not write through it
+    (run / "config.json").write_text(json.dumps(cfg))
+    image = tmp_path / "cat.png"
+    Image.new("RGB", (40, 30), "gray").save(image)
+    with pytest.raises(ValueError, match=r"is not on this machine.*pass --encoder someone/not-on-this-machine"):
+        caption_images([str(image)], run)
+    [(path, text)] = caption_images([str(image)], run, encoder=str(tiny_clip))  # the user's own choice
+    assert path == str(image) and isinstance(text, str)

@@ -12,10 +12,20 @@ from .pipeline import CaptionPipeline
 
 
 def caption_images(
-    paths: list[str], run_dir: str | Path, *, device: str = "cpu", seed: int | None = None, batch_size: int = 64
+    paths: list[str],
+    run_dir: str | Path,
+    *,
+    device: str = "cpu",
+    seed: int | None = None,
+    batch_size: int = 64,
+    encoder: str | None = None,
 ) -> list[tuple[str, str]]:
     """Caption image files: the run's image encoder (the demo's CNN, or the frozen CLIP the run's
-    features came from), then its sampler. Every unreadable file is an error that names it."""
+    features came from), then its sampler. Every unreadable file is an error that names it.
+
+    A run directory is input like any other file, so the encoder its config names is read only from
+    this machine (a folder, or the Hugging Face cache), never downloaded; ``encoder`` is the caller's
+    own choice of the same encoder (a folder or a hub id, which may be downloaded)."""
     pipe = CaptionPipeline.from_pretrained(run_dir, device=device)
     if pipe.cfg.model.image_encoder:
         size = pipe.feature_shape[-1]
@@ -36,10 +46,20 @@ def caption_images(
     patches = pipe.cfg.model.cond_tokens > 1
     if patches and data.encoder_kind == "clip-text":
         raise ValueError(f"{run_dir}: a text-conditioned run has pooled features only")
-    encoder = ClipImageEncoder(data.encoder, device=device, patch_tokens=patches)
+    try:
+        clip = ClipImageEncoder(
+            encoder or data.encoder, device=device, patch_tokens=patches, local_files_only=not encoder
+        )
+    except ValueError as exc:
+        if encoder:
+            raise
+        raise ValueError(
+            f"{run_dir}: the encoder its config names, {data.encoder!r}, is not on this machine, and what a run "
+            f"directory names is not downloaded; pass --encoder {data.encoder} to fetch it ({exc})"
+        ) from exc
     texts: list[str] = []
     for start in range(0, len(paths), batch_size):
         images = [load_image(p) for p in paths[start : start + batch_size]]
-        features = encoder.encode_images(images)["patches" if patches else "pooled"]
+        features = clip.encode_images(images)["patches" if patches else "pooled"]
         texts += pipe(features, seed=seed).texts
     return list(zip(paths, texts))

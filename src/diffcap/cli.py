@@ -115,7 +115,7 @@ def cmd_demo(args) -> None:
 def cmd_caption(args) -> None:
     from .captioning import caption_images
 
-    for path, text in caption_images(args.images, args.run, device=args.device, seed=args.seed):
+    for path, text in caption_images(args.images, args.run, device=args.device, seed=args.seed, encoder=args.encoder):
         print(f"{path}\t{text}")
 
 
@@ -384,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--encoder", help="the run's image encoder (folder or hub id; default: the run's own, from this machine only)"
+    )
     p.set_defaults(func=cmd_caption)
 
     p = sub.add_parser("serve", help="a web page and an HTTP API that caption uploaded images with a run")

@@ -83,12 +83,12 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _tower_config(model_id: str, tower: str):
+def _tower_config(model_id: str, tower: str, local_files_only: bool = False):
     """The vision or text config of a CLIP checkpoint. A full CLIPModel checkpoint keeps the projection
     width at its top level, so copy it into the tower's config (the tower's own default is 512)."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model_id)
+    config = AutoConfig.from_pretrained(model_id, local_files_only=local_files_only)
     sub = getattr(config, f"{tower}_config", None)
     if sub is None:
         return config
@@ -121,6 +121,7 @@ class ClipImageEncoder:
         device: str | torch.device = "auto",
         dtype: str = "auto",
         patch_tokens: bool = False,
+        local_files_only: bool = False,  # a folder or the Hugging Face cache only: never download
     ):
         from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
@@ -130,9 +131,10 @@ class ClipImageEncoder:
         self.patch_tokens = patch_tokens
         try:
             with _quiet_transformers():
-                self.processor = CLIPImageProcessor.from_pretrained(self.model_id)
+                local = {"local_files_only": local_files_only}
+                self.processor = CLIPImageProcessor.from_pretrained(self.model_id, **local)
                 self.model = CLIPVisionModelWithProjection.from_pretrained(
-                    self.model_id, config=_tower_config(self.model_id, "vision"), use_safetensors=True
+                    self.model_id, config=_tower_config(self.model_id, "vision", **local), use_safetensors=True, **local
                 )
         except (OSError, ValueError, KeyError) as exc:
             raise _load_failed(self.model_id, "a CLIP vision tower and image processor", exc) from exc
