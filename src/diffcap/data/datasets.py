@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import operator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,11 @@ from ..text.tokenizer import CaptionTokenizer
 from .contract import CaptionRecord, DataError, FeatureStore
 
 log = logging.getLogger(__name__)
+
+# Captions per tokenizer call. The fast tokenizer builds a Python object per caption of a call (about
+# 3 KB each), so tokenizing 100k captions at once peaked 0.34 GB above the process's baseline; in
+# chunks the peak stays that of one chunk, whatever the number of captions.
+_TOKENIZE_CHUNK = 8192
 
 
 class FeatureRows:
@@ -31,10 +37,11 @@ class FeatureRows:
     def __getitem__(self, index) -> torch.Tensor:
         if isinstance(index, slice):
             return self.store.get(self.image_ids[index])
-        if isinstance(index, int) or (isinstance(index, torch.Tensor) and index.dim() == 0):
-            return self.store.get([self.image_ids[int(index)]])[0]
-        positions = index.tolist() if isinstance(index, torch.Tensor) else list(index)
-        return self.store.get([self.image_ids[i] for i in positions])
+        if isinstance(index, torch.Tensor) and index.dim() == 0:
+            index = int(index)
+        if isinstance(index, (torch.Tensor, list, tuple)):
+            return self.store.get([self.image_ids[i] for i in torch.as_tensor(index).tolist()])
+        return self.store.get([self.image_ids[operator.index(index)]])[0]
 
 
 @dataclass
@@ -84,7 +91,8 @@ def load_split(
     for r in rows:
         references[r.image_id].append(r.caption)
     captions = [r.caption for r in rows]
-    lengths = tokenizer.lengths_before_truncation(captions)
+    chunks = [captions[i : i + _TOKENIZE_CHUNK] for i in range(0, len(captions), _TOKENIZE_CHUNK)]
+    lengths = [n for chunk in chunks for n in tokenizer.lengths_before_truncation(chunk)]
     # A caption with no tokens at all (e.g. only characters the tokenizer drops) would train the
     # model to emit nothing: an error here rather than a silently useless example.
     empty = [r for r, n in zip(rows, lengths) if n == 0]
@@ -110,7 +118,7 @@ def load_split(
         image_ids=image_ids,
         features=FeatureRows(store, image_ids),
         references=references,
-        caption_ids=tokenizer.encode(captions),
+        caption_ids=torch.cat([tokenizer.encode(chunk) for chunk in chunks]),
         caption_image=torch.tensor([index[r.image_id] for r in rows]),
     )
 
