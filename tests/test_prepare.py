@@ -353,7 +353,7 @@ def test_text_condition_clip_text(tmp_path, tiny_clip):
         "folder", root, tmp_path / "out", encoder=str(tiny_clip), condition="text", condition_caption=1, progress=False
     )
     assert summary["kind"] == "clip-text"
-    store = FeatureStore.open(tmp_path / "out" / "features")
+    store = FeatureStore.open(tmp_path / "out" / "features.safetensors")
     assert store.item_shape == (PROJ,) and store.metadata["kind"] == "clip-text"
     records = read_captions(tmp_path / "out" / "captions.jsonl")
     assert len(records) == 8 and CAPTIONS[1] not in {r.caption for r in records}  # the condition is no target
@@ -369,7 +369,7 @@ def test_text_condition_sentence_transformers(tmp_path, minilm_dir):
         "flickr8k", root, tmp_path / "out", condition="text", text_encoder=str(minilm_dir), progress=False
     )
     assert summary["kind"] == "sentence-transformers"
-    store = FeatureStore.open(tmp_path / "out" / "features")
+    store = FeatureStore.open(tmp_path / "out" / "features.safetensors")
     assert store.item_shape == (384,) and store.ids == names(4)
     assert len(read_captions(tmp_path / "out" / "captions.jsonl")) == 8
 
@@ -493,9 +493,7 @@ def test_text_trained_run_captions_images(tmp_path, tiny_clip, capsys):
 
     root = folder_layout(tmp_path / "photos")
     prepare("folder", root, tmp_path / "data", encoder=str(tiny_clip), condition="text", progress=False)
-    cfg = small_config(tmp_path / "data", steps=2)
-    cfg.data.features = str(tmp_path / "data" / "features")
-    Trainer(cfg, tmp_path / "run").train(resume=False)
+    Trainer(small_config(tmp_path / "data", steps=2), tmp_path / "run").train(resume=False)
     assert main(["caption", str(root / "photos" / "p0.jpg"), "--run", str(tmp_path / "run")]) == 0
     assert capsys.readouterr().out.count("\t") == 1
 

@@ -31,13 +31,14 @@ from tqdm.auto import tqdm
 from ..io import atomic_output, write_json
 from .errors import DataError, describe_ids
 from .images import ImageError, load_image
-from .store import INDEX_FILE, ShardFile, shard_name, write_features, write_index, write_store
+from .store import INDEX_FILE, ShardFile, shard_name, write_features, write_index
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ENCODER = "openai/clip-vit-base-patch32"
 ENCODER_KINDS = ("clip-image", "clip-text", "sentence-transformers")
 FEATURES_DIR, PATCH_FEATURES_DIR = "features", "patch_features"  # sharded stores (see data/store.py)
+TEXT_FEATURES_FILE = "features.safetensors"  # text conditions: one file
 MANIFEST_FILE = "manifest.json"  # what the shards were extracted from, to know when they can be reused
 
 
@@ -423,19 +424,21 @@ class TextEncoder:
 
 
 def write_text_features(
-    folder: str | Path,
+    path: str | Path,
     conditions: dict[str, str],
     encoder: TextEncoder,
     *,
     progress: bool = True,
     metadata: dict[str, str] | None = None,
 ) -> None:
-    """Encode one condition sentence per image (id -> sentence) into a sharded store of the contract."""
+    """Encode one condition sentence per image (id -> sentence) into a features file of the contract: one
+    file, not a sharded store, since one pooled vector per image is small (5 MB for 3,000 images) and the
+    encoding is not resumable anyway."""
     if not conditions:
-        raise DataError(f"{folder}: no condition sentences to encode")
+        raise DataError(f"{path}: no condition sentences to encode")
     ids = list(conditions)
     vectors = encoder([conditions[i] for i in ids], progress=progress)
     if len(vectors) != len(ids):
         raise DataError(f"{encoder.encoder}: returned {len(vectors)} embeddings for {describe_ids(ids)}")
     meta = {"encoder": encoder.encoder, "kind": encoder.kind, "output": "pooled", "normalized": "true"}
-    write_store(folder, {i: v.clone() for i, v in zip(ids, vectors)}, meta | dict(metadata or {}))
+    write_features(path, {i: v.clone() for i, v in zip(ids, vectors)}, meta | dict(metadata or {}))

@@ -4,6 +4,7 @@
     OUT/features/                   pooled features keyed by image id (metadata: encoder, kind, output): a
                                     sharded store, shard-NNNNN.safetensors + index.json (data/store.py)
     OUT/patch_features/             the CLIP patch grid, with ``patch_tokens``; a store like features/
+    OUT/features.safetensors        instead of features/ with ``condition="text"``: one file, small
     OUT/prepare.json                what was done: layout, encoder, counts per split, images left out
 
 Two conditions:
@@ -25,7 +26,7 @@ from ..io import atomic_output, write_json
 from .contract import CaptionRecord, DataError, describe_ids, write_captions
 from .encoders import (
     DEFAULT_ENCODER,
-    FEATURES_DIR,
+    TEXT_FEATURES_FILE,
     ClipImageEncoder,
     TextEncoder,
     extract_image_features,
@@ -123,7 +124,7 @@ def prepare(
         text = TextEncoder(text_encoder or encoder, device=device, dtype=dtype, batch_size=batch_size)
         conditions, records = split_condition_caption(layout, condition_caption)
         write_text_features(
-            out / FEATURES_DIR,
+            out / TEXT_FEATURES_FILE,
             conditions,
             text,
             progress=progress,
@@ -133,7 +134,7 @@ def prepare(
             "encoder": text.encoder,
             "kind": text.kind,
             "condition_caption": condition_caption,
-            "files": {"pooled": str(out / FEATURES_DIR)},
+            "files": {"pooled": str(out / TEXT_FEATURES_FILE)},
         }
     else:
         raise ValueError(f"condition {condition!r}: choose image or text")

@@ -206,34 +206,34 @@ def write_store(
 # ---------------------------------------------------------------- reading
 
 
+def _read_header(path: Path) -> tuple[int, int, list[tuple], dict[str, str], dict | None]:
+    """(file size, where the data starts, sorted (id, dtype, shape, begin, end) entries, metadata, record)."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= size - 8:
+                raise ValueError(f"header length {n} does not fit the file's {size} bytes")
+            header = json.loads(f.read(n))
+        metadata = dict(header.pop("__metadata__", None) or {})
+        entries = sorted((key, _DTYPES[e["dtype"]], tuple(e["shape"]), *e["data_offsets"]) for key, e in header.items())
+        record = metadata.pop(CHECKS_KEY, None)
+        return size, 8 + n, entries, metadata, json.loads(record) if record else None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path}: not a readable safetensors file, possibly truncated or corrupt ({exc!r})") from exc
+
+
 class ShardFile:
     """One safetensors file of a store: its header parsed, its checks done, its items read on demand."""
 
     def __init__(self, path: Path, *, check: bool = True):
         self.path = path
-        try:
-            size = path.stat().st_size
-            with path.open("rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                if not 2 <= n <= size - 8:
-                    raise ValueError(f"header length {n} does not fit the file's {size} bytes")
-                header = json.loads(f.read(n))
-            meta = header.pop("__metadata__", None) or {}
-            entries = sorted(
-                (key, _DTYPES[e["dtype"]], tuple(e["shape"]), *e["data_offsets"]) for key, e in header.items()
-            )
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise DataError(
-                f"{path}: not a readable safetensors file, possibly truncated or corrupt ({exc!r})"
-            ) from exc
+        size, start, entries, self.metadata, self.record = _read_header(path)
         if not entries:
             raise DataError(f"{path}: contains no features")
-        self.metadata: dict[str, str] = dict(meta)
-        record = self.metadata.pop(CHECKS_KEY, None)
-        self.record: dict | None = json.loads(record) if record else None
         first_id, self.dtype, self.item_shape = entries[0][0], entries[0][1], entries[0][2]
         self.item_nbytes = math.prod(self.item_shape) * self.dtype.itemsize
-        start, end = 8 + n, 8 + n
+        end = start
         self.offsets: dict[str, int] = {}
         for key, dtype, shape, begin, stop in entries:
             if (dtype, shape) != (self.dtype, self.item_shape):
@@ -253,7 +253,7 @@ class ShardFile:
             return
         if self.record is None:
             if self.dtype.is_floating_point:
-                self.verify()  # another producer's file: checked once, now (integer pixels cannot be NaN)
+                self.verify()  # another producer's file: checked at every open (integer pixels cannot be NaN)
         elif (self.record.get("n"), tuple(self.record.get("item_shape", ())), self.record.get("dtype")) != (
             len(self.offsets),
             self.item_shape,
