@@ -234,12 +234,13 @@ def text_run(tmp_path_factory):
 
     data = root / "data"
     data.mkdir()
-    records = [CaptionRecord(f"img{i}", s, split) for split in ("train", "val") for i, s in enumerate(SENTENCES)]
+    # the same sentences on other ids in val: an image in two splits is refused
+    records = [CaptionRecord(f"{split}{i}", s, split) for split in ("train", "val") for i, s in enumerate(SENTENCES)]
     write_captions(records, data / "captions.jsonl")
     vectors = TextEncoder(str(clip), device="cpu")(SENTENCES)
     write_features(
         data / "features.safetensors",
-        {f"img{i}": v.clone() for i, v in enumerate(vectors)},
+        {f"{split}{i}": v.clone() for split in ("train", "val") for i, v in enumerate(vectors)},
         {"encoder": str(clip), "kind": "clip-text", "output": "pooled"},
     )
     assert (
