@@ -278,20 +278,21 @@ def rewrite_checksums(folder: Path) -> None:
     (folder / CHECKSUMS).write_text(json.dumps({"sha256": sums}))
 
 
-def test_checkpoint_with_non_finite_weights_is_passed_over_with_a_warning(feature_data, tmp_path, caplog):
+@pytest.mark.parametrize("file", ["model.safetensors", "trainer_state/optimizer.safetensors"])
+def test_checkpoint_with_non_finite_values_is_passed_over_with_a_warning(feature_data, tmp_path, caplog, file):
     from diffcap.io import save_tensors
 
     run = tmp_path / "run"
     trained(feature_data, run, steps=4, save_every=2)
     newest = run / "checkpoints" / "step-000004"
-    weights = load_file(str(newest / "model.safetensors"))
-    name = next(iter(weights))
-    weights[name] = torch.full_like(weights[name], float("nan"))
-    save_tensors(newest / "model.safetensors", weights)
+    tensors = load_file(str(newest / file))
+    name = next(iter(tensors))
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_tensors(newest / file, tensors)
     rewrite_checksums(newest)
     resumed = Trainer(small_config(feature_data, steps=4), run)
     assert resumed.resume() and resumed.step == 2
-    assert "weights that are not finite" in caplog.text and name in caplog.text
+    assert "tensors that are not finite" in caplog.text and name in caplog.text
     assert (run / "checkpoints" / "unreadable-step-000004").is_dir()
     tensors_equal(run / "model.safetensors", run / "checkpoints" / "step-000002" / "model.safetensors")
 

@@ -392,14 +392,15 @@ def _load_checkpoint(folder: Path, state: TrainingState) -> None:
         )
     weights = load_weights(folder / "model.safetensors")
     ema_weights = load_weights(folder / "ema.safetensors")
-    if bad := non_finite(weights) + non_finite(ema_weights, "ema."):
-        raise DamagedCheckpoint(f"{folder}: weights that are not finite ({', '.join(bad[:5])})")
+    moments = load_weights(state_dir / "optimizer.safetensors")
+    if bad := non_finite(weights) + non_finite(ema_weights, "ema.") + non_finite(moments, "optimizer."):
+        raise DamagedCheckpoint(f"{folder}: tensors that are not finite ({', '.join(bad[:5])})")
     check_shapes(folder / "model.safetensors", weights, state.model.state_dict())
     n_averaged = load_weights(state_dir / "ema.safetensors")["n_averaged"]
     captioner_file = state_dir / CAPTIONER_STATE
     captioner_state = load_weights(captioner_file) if captioner_file.exists() else {}
     rng = load_weights(state_dir / "rng.safetensors")
-    load_optimizer(state.optimizer, state_dir)
+    load_optimizer(state.optimizer, state_dir, moments)
     state.model.load_state_dict(weights)
     state.ema.module.load_state_dict(ema_weights)
     state.ema.n_averaged.copy_(n_averaged)
@@ -513,10 +514,11 @@ def save_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
     write_json(directory / "optimizer.json", {"param_groups": state["param_groups"], "scalars": scalars})
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
+def load_optimizer(optimizer: torch.optim.Optimizer, directory: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Restore what :func:`save_optimizer` wrote: ``tensors`` are those of its optimizer.safetensors."""
     meta = json.loads((directory / "optimizer.json").read_text())
     state: dict[int, dict] = {}
-    for key, value in list(load_file(str(directory / "optimizer.safetensors")).items()) + list(meta["scalars"].items()):
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
         pid, name = key.split(".", 1)
         state.setdefault(int(pid), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
