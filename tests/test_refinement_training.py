@@ -94,3 +94,121 @@ def test_training_with_unroll_and_grid_timesteps_still_overfits(feature_data, tm
     feats = FeatureStore.open(feature_data / "features.safetensors").get([f"img{i}" for i in range(8)])
     for steps in (1, 2, 3):
         assert pipe(feats, seed=0, steps=steps, method="ddim").texts == CAPTIONS
+
+
+def test_mask_predict_state_noises_the_lowest_scored_words_and_never_the_padding():
+    diffusion = GaussianDiffusion(DiffusionConfig(schedule="linear", num_timesteps=100))
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 5, 3, generator=g), torch.randn(2, 5, 3, generator=g)
+    content = torch.tensor([[True, True, True, True, False], [True, True, True, False, False]])
+    scores = torch.tensor([[0.5, 0.1, 0.9, 0.3, 0.0], [0.2, 0.8, 0.4, 0.6, 0.0]])
+    # share 0.5 of 4 words: floor(2) + 1 = 3 noised; share 0.99 of 3 words: all 3
+    x, t, noised = diffusion.mask_predict_state(x0, eps, content, scores, torch.tensor([0.5, 0.99]))
+    assert noised.tolist() == [[True, True, False, True, False], [True, True, True, False, False]]
+    assert t.tolist() == [[99, 99, 0, 99, 0], [99, 99, 99, 0, 0]]
+    _, _, one = diffusion.mask_predict_state(x0, eps, content, scores, torch.tensor([0.0, 0.0]))
+    assert one.sum(dim=1).tolist() == [1, 1]
+    top = torch.full((2,), 99)
+    torch.testing.assert_close(x, torch.where(noised[..., None], diffusion.q_sample(x0, top, eps), x0))
+
+
+def test_mask_predict_needs_x0_and_time_embedding():
+    cfg = Config()
+    cfg.diffusion.mask_predict_prob = 0.5
+    validate(cfg)
+    cfg.model.time_embedding = False
+    with pytest.raises(ConfigError, match="mask_predict_prob"):
+        validate(cfg)
+
+
+def test_mask_predict_examples_tell_each_position_its_time_and_score_only_the_noised(feature_data, tmp_path):
+    """With mask_predict_prob=1 the trained pass sees clean embeddings at t=0 and noise at t=T-1, and its
+    loss is the loss of the noised positions only: perturbing the prediction at a clean position changes
+    nothing."""
+    from conftest import small_config
+
+    from diffcap.data.contract import FeatureStore
+    from diffcap.training import Trainer
+
+    cfg = small_config(feature_data, steps=1)
+    cfg.diffusion.mask_predict_prob = 1.0
+    cfg.diffusion.cond_dropout = 0.0
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.train(resume=False)
+    model = trainer.accelerator.unwrap_model(trainer.model).eval()
+    ids = trainer.tokenizer.encode(["a red cube", "a blue ball"])
+    feats = FeatureStore.open(feature_data / "features.safetensors").get(["img0", "img1"])
+    seen, shift = [], {"on": False}
+    original = model.forward
+
+    def spy(x_t, t, cond, self_cond=None, drop_cond=None, return_logits=False):
+        out = original(x_t, t, cond, self_cond, drop_cond, return_logits=return_logits)
+        seen.append((x_t, t))
+        if shift["on"] and return_logits:  # move the prediction at the clean positions only
+            pred, logits = out
+            clean = (t == 0)[..., None]
+            if logits is not None:
+                logits = torch.where(clean, logits + torch.randn_like(logits), logits)
+            return torch.where(clean, pred + 5, pred), logits
+        return out
+
+    model.forward = spy
+    torch.manual_seed(0)
+    base = model.training_losses(ids, feats)
+    x_t, t = seen[-1]
+    top = cfg.diffusion.num_timesteps - 1
+    assert t.shape == ids.shape and set(t.unique().tolist()) <= {0, top} and (t == top).any()
+    clean = t == 0
+    torch.testing.assert_close(x_t[clean], model.embedding(ids)[clean])
+    shift["on"] = True
+    torch.manual_seed(0)
+    shifted = model.training_losses(ids, feats)
+    torch.testing.assert_close(shifted["diffusion"], base["diffusion"])
+    torch.testing.assert_close(shifted["rounding"], base["rounding"])
+
+
+class _OracleWithConfidence(torch.nn.Module):
+    """Predicts the target caption, with a confidence it reads off the input: a position told t = 0
+    keeps the word it was given; a noised one gets the target word, sure of it only at positions < sure."""
+
+    def __init__(self, embedding, target, sure, top):
+        super().__init__()
+        self.embedding, self.target, self.sure, self.top = embedding, target, sure, top
+        self.cfg = Config().model
+        self.cfg.self_condition = False
+        self.calls = []
+
+    def encode_condition(self, features):
+        return features[:, None, :]
+
+    def forward(self, x_t, t, cond, self_cond=None, drop_cond=None, return_logits=False):
+        self.calls.append(t.clone())
+        ids, rows = self.embedding.allowed_rows()
+        col = self.embedding.allowed_position(self.target).expand(x_t.shape[0], -1)
+        positions = torch.arange(x_t.shape[1])[None].expand_as(col)
+        logits = torch.full((*col.shape, len(ids)), -5.0)
+        strength = torch.where(positions < self.sure, 10.0, 1.0)
+        logits.scatter_(2, col[..., None], strength[..., None])
+        out = logits.softmax(-1) @ rows
+        return (out, logits) if return_logits else out
+
+
+def test_mask_predict_sampler_keeps_confident_words_and_renoises_the_rest():
+    from diffcap.config import SamplerConfig
+    from diffcap.diffusion.sampler import Sampler
+    from diffcap.models.embedding import TokenEmbedding
+
+    emb = TokenEmbedding(vocab_size=12, dim=4)
+    target = torch.tensor([[5, 6, 7, 8, 0, 0]])
+    diffusion = GaussianDiffusion(DiffusionConfig(schedule="linear", num_timesteps=50))
+    model = _OracleWithConfidence(emb, target, sure=2, top=49)
+    sampler = Sampler(model, diffusion, SamplerConfig(method="mask_predict", steps=3, clamp=True), seq_len=6)
+    out = sampler.sample(torch.zeros(2, 3), torch.Generator().manual_seed(0), trajectory=True)
+    assert out.ids.tolist() == target.expand(2, -1).tolist()
+    first, second, third = model.calls
+    assert (first == 49).all()
+    # 4 words: step 2 re-noises 4 (S-1-1)/S = 2 of them, the least confident (2, 3), step 3 one of those;
+    # the padding that step 1 predicted stays
+    assert (second == 49).tolist() == [[False, False, True, True, False, False]] * 2
+    assert (third == 49).sum(1).tolist() == [1, 1] and (third[:, [0, 1, 4, 5]] == 0).all()
+    assert len(out.trajectory) == 3

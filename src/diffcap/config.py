@@ -112,11 +112,20 @@ class DiffusionConfig:
     # true caption from it. Without it a later step only ever saw x_t made from true captions, so it
     # trusts the first step's mistakes instead of repairing them. Needs diffusion.objective = x0.
     unroll_prob: float = 0.0
+    # Mask-predict in continuous diffusion (CMLM, Ghazvininejad et al. 2019, arXiv 1904.09324; LaDiC's
+    # Back&Refine, arXiv 2404.10763): for this share of the examples a uniform number of positions is
+    # noised to t = T-1 and the others are the clean caption at t = 0, each position told its own time.
+    # The loss covers the noised positions. sampler.method = mask_predict then keeps the confident words
+    # of each step and re-noises only the rest, so a later step writes words in the context of the kept
+    # ones instead of every position choosing independently. Needs diffusion.objective = x0.
+    mask_predict_prob: float = 0.0
 
 
 @dataclass
 class SamplerConfig:
-    method: str = "ddim"  # ddim, ddpm, or refine (the seed's loop that never re-noises)
+    # ddim, ddpm, refine (the seed's loop that never re-noises), or mask_predict (re-noise the least
+    # confident positions at each step; a model trained with diffusion.mask_predict_prob > 0)
+    method: str = "ddim"
     steps: int = 20
     clamp: bool = True  # snap x0 to the nearest embedding (Diffusion-LM's clamping trick)
     guidance_scale: float = field(default=1.0, metadata={"flag": "--guidance"})  # classifier-free guidance
@@ -277,7 +286,7 @@ CHOICES = {  # (section, key) -> the values allowed
     ("diffusion", "objective"): ("x0", "eps", "xtk"),
     ("diffusion", "loss"): ("l1", "mse"),
     ("diffusion", "timestep_sampler"): ("uniform", "loss_aware", "warped", "grid"),
-    ("sampler", "method"): ("ddim", "ddpm", "refine"),
+    ("sampler", "method"): ("ddim", "ddpm", "refine", "mask_predict"),
     ("sampler", "length"): ("free", "expected"),
     ("sampler", "precision"): ("fp32", "bf16"),
     ("train", "lr_schedule"): ("linear", "cosine", "constant"),
@@ -336,6 +345,13 @@ def validate(cfg: Config) -> None:
     if cfg.diffusion.unroll_prob > 0 and cfg.diffusion.objective != "x0":
         raise ConfigError(
             "diffusion.unroll_prob trains on the model's own x0 estimates: it needs diffusion.objective=x0"
+        )
+    if not 0 <= cfg.diffusion.mask_predict_prob <= 1:
+        raise ConfigError(f"diffusion.mask_predict_prob must be in [0, 1], got {cfg.diffusion.mask_predict_prob}")
+    if cfg.diffusion.mask_predict_prob > 0 and (cfg.diffusion.objective != "x0" or not cfg.model.time_embedding):
+        raise ConfigError(
+            "diffusion.mask_predict_prob tells each position its own noise level and learns x0 there: it needs "
+            "diffusion.objective=x0 and model.time_embedding=true"
         )
     if cfg.model.score_interpolation and cfg.diffusion.objective != "x0":
         raise ConfigError("model.score_interpolation predicts x0 from logits: it needs diffusion.objective=x0")

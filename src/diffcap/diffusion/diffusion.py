@@ -51,10 +51,34 @@ class GaussianDiffusion(nn.Module):
     def predict_x0(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.objective.to_x0(out, x_t, t)
 
-    def _distance(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def _distance(self, pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         diff = pred - target
         d = diff.abs() if self.cfg.loss == "l1" else diff.pow(2)
-        return d.mean(dim=(1, 2))  # (B,)
+        return _position_mean(d.mean(dim=2), weight)  # (B,)
+
+    def mask_predict_state(
+        self, x0: torch.Tensor, eps: torch.Tensor, content: torch.Tensor, scores: torch.Tensor, share: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A partly clean training state (CMLM's masking, with Gaussian noise as the mask).
+
+        Args:
+            x0, eps: [B x L x D] clean embeddings and noise.
+            content: [B x L] True at the caption's words, False at its padding. As in CMLM, whose
+                length is known once predicted, only words are noised; the padding stays clean.
+            scores: [B x L] random values: the lowest-scored words are noised.
+            share: [B] uniform on [0, 1): n = floor(share * words) + 1 words are noised, 1..words.
+        Returns:
+            (x [B x L x D], t [B x L], noised [B x L] bool): noised positions at t = T-1, the rest
+            clean at t = 0, each position told its own time.
+        """
+        words = content.sum(dim=1)
+        count = torch.minimum((share * words).long() + 1, words)
+        rank = scores.masked_fill(~content, float("inf")).argsort(dim=1).argsort(dim=1)
+        noised = rank < count[:, None]
+        top = torch.full_like(count, self.num_timesteps - 1)
+        x = torch.where(noised[..., None], self.q_sample(x0, top, eps), x0)
+        t = torch.where(noised, self.num_timesteps - 1, 0)
+        return x, t, noised
 
     def training_losses(
         self,
@@ -100,19 +124,34 @@ class GaussianDiffusion(nn.Module):
         eps = randn_like(x0)
         x_t = self.q_sample(x0, t, eps)
         drop = rand() < cfg.cond_dropout
+        t_net, weight, masked = t, None, None  # the time the network is told; per-position loss weights
+        if cfg.mask_predict_prob > 0:
+            masked = rand() < cfg.mask_predict_prob
+            seq_len = ids.shape[1]
+            scores = noise.randn(seq_len) if noise is not None else torch.randn(batch, seq_len, device=ids.device)
+            content = ids != core.pad_id
+            x_mp, t_mp, noised = self.mask_predict_state(x0, eps, content, scores, rand())
+            x_t = torch.where(masked[:, None, None], x_mp, x_t)
+            t_net = torch.where(masked[:, None], t_mp, t[:, None].expand_as(t_mp))
+            # CMLM's loss covers the masked positions only: copying a clean word teaches nothing
+            weight = torch.where(masked[:, None], noised, True).float()
+            weights = torch.where(masked, 1.0, weights)  # the timestep sampler's importance weight is for t
 
         # The no-gradient first pass: the model's x0 estimate at t (self-conditioning), or for unrolled
         # examples at t = T-1 from x_T, as the sampler's first step makes it.
         unroll = rand() < cfg.unroll_prob if cfg.unroll_prob > 0 else None
-        x_first, t_first = x_t, t
+        if unroll is not None and masked is not None:
+            unroll = unroll & ~masked
+        x_first, t_first, t_first_net = x_t, t, t_net
         if unroll is not None:
             t_top = torch.full_like(t, self.num_timesteps - 1)
             x_first = torch.where(unroll[:, None, None], self.q_sample(x0, t_top, eps), x_t)
             t_first = torch.where(unroll, t_top, t)
+            t_first_net = t_first if masked is None else torch.where(unroll[:, None], t_top[:, None], t_net)
         first = None
         if core.cfg.self_condition or unroll is not None:
             with torch.no_grad():
-                first = self.predict_x0(model(x_first, t_first, cond, None, drop), x_first, t_first)
+                first = self.predict_x0(model(x_first, t_first_net, cond, None, drop), x_first, t_first)
         if unroll is not None:
             x_t = torch.where(
                 unroll[:, None, None], self.unrolled_x_t(core.embedding.clamp(first), x_first, t_first, t), x_t
@@ -127,21 +166,27 @@ class GaussianDiffusion(nn.Module):
                 use = use | unroll
             self_cond = torch.where(use[:, None, None], first, torch.zeros_like(first)).detach()
 
-        out, logits = model(x_t, t, cond, self_cond, drop, return_logits=True)
-        per_sample = self._distance(out, self.objective.target(x0, eps, t))
+        out, logits = model(x_t, t_net, cond, self_cond, drop, return_logits=True)
+        per_sample = self._distance(out, self.objective.target(x0, eps, t), weight)
         if logits is None:  # the tied rounding head on the x0 estimate
             logits = core.embedding.logits(self.predict_x0(out, x_t, t))  # (B, L, A)
         # Logits cover the tokens rounding may produce; a validation caption may hold another one,
         # which is left out of the cross-entropy rather than scored infinite.
         targets = core.embedding.allowed_position(ids)
-        rounding = nn.functional.cross_entropy(logits.transpose(1, 2).float(), targets, reduction="none").mean(dim=1)
+        rounding = _position_mean(
+            nn.functional.cross_entropy(logits.transpose(1, 2).float(), targets, reduction="none"), weight
+        )
         # Diffusion-LM's prior term: E||sqrt(abar_T) x0||^2 keeps learned embedding norms from growing
         # until x_T is no longer pure noise (zero gradient for frozen or normalised tables).
         prior = (self.alpha_bar[-1] * x0.pow(2)).mean(dim=(1, 2))
         per_sample = cfg.diffusion_weight * per_sample
         if learn_timesteps:  # with the whole global batch, so that every process keeps the same history
             gather = noise.gather if noise is not None else (lambda x: x)
-            self.timesteps.update(gather(t), gather((per_sample + cfg.rounding_weight * rounding).detach()))
+            t_all, losses = gather(t), gather((per_sample + cfg.rounding_weight * rounding).detach())
+            if masked is not None:  # a mask-predict example's loss says nothing about its drawn t
+                keep = gather(masked.long()) == 0
+                t_all, losses = t_all[keep], losses[keep]
+            self.timesteps.update(t_all, losses)
 
         terms = {
             "diffusion": (weights * per_sample).mean(),
@@ -158,5 +203,12 @@ class GaussianDiffusion(nn.Module):
             loss = loss + cfg.restore_weight * terms["restore"]
         terms["loss"] = loss
         terms["per_sample"] = (per_sample + cfg.rounding_weight * rounding).detach()
-        terms["t"] = t
+        terms["t"] = t if masked is None else torch.where(masked, self.num_timesteps - 1, t)
         return terms
+
+
+def _position_mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """[B x L] -> [B]: the mean over positions, or the weighted mean with ``weight`` [B x L]."""
+    if weight is None:
+        return values.mean(dim=1)
+    return (values * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1)

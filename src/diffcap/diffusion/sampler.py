@@ -1,4 +1,4 @@
-"""Sampling: DDIM, DDPM ancestral, and the seed's refine-without-re-noising loop.
+"""Sampling: DDIM, DDPM ancestral, the seed's refine-without-re-noising loop, and mask-predict.
 
 The loop follows diffusers' set_timesteps / step contract and uses its DDIM and DDPM schedulers on our
 own betas. We always hand the scheduler an x0 estimate (``prediction_type="sample"``), because the
@@ -60,6 +60,8 @@ class Sampler:
         self.model, self.diffusion, self.cfg, self.seq_len, self.pad_id = model, diffusion, cfg, seq_len, pad_id
         if cfg.classifier_scale > 0 and classifier is None:
             raise ValueError("sampler.classifier_scale > 0 needs a guidance classifier")
+        if cfg.method == "mask_predict" and (cfg.classifier_scale > 0 or cfg.length != "free"):
+            raise ValueError("sampler.method=mask_predict works with classifier_scale=0 and length=free")
         self.classifier = classifier
 
     def _x0(self, x_t, t, cond, self_cond, want_logits: bool = False):
@@ -77,7 +79,8 @@ class Sampler:
         """One network evaluation (two with guidance) -> (x0 estimate [B x L x D], the network's own
         rounding logits [B x L x A] when asked for and it has them (score interpolation), else None)."""
         batch = x_t.shape[0]
-        tt = torch.full((batch,), int(t), device=x_t.device, dtype=torch.long)
+        per_position = torch.is_tensor(t) and t.dim() == 2  # [B x L] (mask-predict), else one time for all
+        tt = t if per_position else torch.full((batch,), int(t), device=x_t.device, dtype=torch.long)
         # the time the network is told (asymmetric time intervals); the objective converts at the true t
         t_net = tt.add(self.cfg.time_offset).clamp(max=self.diffusion.num_timesteps - 1)
         extra = {"return_logits": True} if want_logits else {}
@@ -105,7 +108,8 @@ class Sampler:
         cond = self.model.encode_condition(features)
         if k > 1:
             cond = cond.repeat_interleave(k, dim=0)
-        out = self._loop(cond, generator, trajectory)
+        loop = self._mask_predict_loop if self.cfg.method == "mask_predict" else self._loop
+        out = loop(cond, generator, trajectory)
         if self.cfg.collapse_repeats:
             out.ids = collapse_repeats(out.ids, self.pad_id)
         if k > 1:
@@ -139,6 +143,53 @@ class Sampler:
             else:
                 x = scheduler.step(x0, t, x, generator=generator).prev_sample
         return SampleOutput(ids=emb.nearest(x0, content, self.pad_id), trajectory=traj)
+
+    def _mask_predict_loop(self, cond, generator, want_trajectory) -> SampleOutput:
+        """Mask-predict (CMLM, Ghazvininejad et al. 2019, arXiv 1904.09324) with Gaussian noise as the
+        mask, for a model trained with diffusion.mask_predict_prob > 0.
+
+        Step 1 predicts every position from pure noise at t = T-1, like one DDIM step; its padding fixes
+        the length (CMLM predicts the length first). Step k+1 of S keeps the words it is most confident
+        of as clean embeddings told t = 0, re-noises the n = N (S-1-k) / S least confident of the N words
+        to t = T-1, and predicts those again, never as padding; kept positions keep their word and
+        confidence (CMLM's linear decay of n). Words are the argmax of the rounding logits.
+        """
+        emb = self.model.embedding
+        batch, device = cond.shape[0], cond.device
+        seq_len, steps, top = self.seq_len, self.cfg.steps, self.diffusion.num_timesteps - 1
+        ids, rows = emb.allowed_rows()
+        pad_column = emb.allowed_position(torch.tensor(self.pad_id, device=device))
+        a_top, s_top = self.diffusion.a[top], self.diffusion.s[top]
+        x = torch.randn((batch, seq_len, emb.dim), generator=generator, device=device)
+        t = torch.full((batch, seq_len), top, device=device, dtype=torch.long)
+        renoised = torch.ones(batch, seq_len, dtype=torch.bool, device=device)
+        self_cond = torch.zeros_like(x) if self.model.cfg.self_condition else None
+        traj: list[tuple[int, torch.Tensor]] = []
+        words = confidence = content = None
+        for k in range(steps):
+            x0, logits = self._x0(x, t, cond, self_cond, want_logits=True)
+            if self_cond is not None:
+                self_cond = x0
+            probs = logits.float().softmax(dim=-1)
+            if words is None:
+                confidence, words = probs.max(dim=-1)
+                content = words != pad_column
+            else:
+                probs[..., pad_column] = 0  # the length is fixed: a word position stays a word
+                prob, best = probs.max(dim=-1)
+                words, confidence = torch.where(renoised, best, words), torch.where(renoised, prob, confidence)
+            if want_trajectory:
+                traj.append((top, ids[words].cpu()))
+            n = content.sum(dim=1, keepdim=True) * (steps - 1 - k) // steps
+            if not n.any():
+                break
+            rank = confidence.masked_fill(~content, float("inf")).argsort(dim=1).argsort(dim=1)
+            renoised = rank < n  # the n least confident words of each caption
+            clean = rows[words]
+            eps = torch.randn(clean.shape, generator=generator, device=device)
+            x = torch.where(renoised[..., None], a_top * clean + s_top * eps, clean)
+            t = torch.where(renoised, top, 0)
+        return SampleOutput(ids=ids[words], trajectory=traj)
 
 
 def expected_length_layout(logits: torch.Tensor, pad_column: torch.Tensor) -> torch.Tensor:

@@ -135,7 +135,7 @@ class TransformerDenoiser(nn.Module):
         """
         Args:
             x_t: [B x L x D] noisy embeddings.
-            t: [B] integer timesteps.
+            t: [B] integer timesteps, or [B x L] one per position.
             cond: [B x N x C] condition tokens.
             self_cond: [B x L x D] previous x0 estimate (zeros when there is none).
             drop_cond: [B] bool, True replaces the condition by the learned null condition.
@@ -151,7 +151,9 @@ class TransformerDenoiser(nn.Module):
         if drop_cond is not None:
             c = torch.where(drop_cond[:, None, None], self.null_cond.to(c.dtype).expand_as(c), c)
         if self.time_mlp is not None:
-            h = h + self.time_mlp(timestep_embedding(t, self.d_model).to(h.dtype))[:, None]
+            # [B] one time per caption, or [B x L] one per position (mask-predict's partly clean states)
+            temb = self.time_mlp(timestep_embedding(t.reshape(-1), self.d_model).to(h.dtype))
+            h = h + (temb.view(*t.shape, -1) if t.dim() == 2 else temb[:, None])
         if self.fusion == "add":
             h = h + c.mean(dim=1, keepdim=True)
         else:
