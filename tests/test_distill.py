@@ -89,3 +89,22 @@ def test_command_line(feature_data, teacher, tmp_path, capsys):
         == 2
     )
     assert "overwrite the source" in capsys.readouterr().err
+
+
+def test_several_beam_hypotheses_per_image(feature_data, teacher, tmp_path):
+    """captions_per_image=k writes the k best distinct hypotheses of the beam, the best being exactly the
+    caption that beam search returns."""
+    from diffcap.config import ConfigError
+
+    captions, features = feature_data / "captions.jsonl", feature_data / "features.safetensors"
+    out = tmp_path / "top3.jsonl"
+    summary = distill_captions(teacher, captions, features, out, captions_per_image=3, beam_size=3)
+    train_ids = [r.image_id for r in read_captions(captions) if r.split == "train"]
+    best = CaptionPipeline.from_pretrained(teacher)(FeatureStore.open(features).get(train_ids), beam_size=3).texts
+    written = [r for r in read_captions(out) if r.split == "train"]
+    by_image = {i: [r.caption for r in written if r.image_id == i] for i in train_ids}
+    assert [by_image[i][0] for i in train_ids] == best
+    assert all(len(set(c)) == len(c) and 1 <= len(c) <= 3 for c in by_image.values())
+    assert summary["teacher_captions"] == len(written) > len(train_ids)
+    with pytest.raises(ConfigError, match="beam_size >= 3"):
+        distill_captions(teacher, captions, features, tmp_path / "bad.jsonl", captions_per_image=3, beam_size=1)

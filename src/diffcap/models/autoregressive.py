@@ -401,6 +401,7 @@ class AutoregressiveCaptioner(Captioner):
         beam_size: int = 1,
         use_cache: bool = True,
         length_penalty: float = 1.0,
+        num_return: int = 1,
     ) -> torch.Tensor:
         """Decode captions: greedy for beam_size 1, beam search otherwise.
 
@@ -412,14 +413,18 @@ class AutoregressiveCaptioner(Captioner):
                 the whole sequence each step (the reference the cache is tested against).
             length_penalty: beam hypotheses are ranked by sum log p / len ** length_penalty, len
                 counting EOS (Wu et al. 2016, arXiv 1609.08144, use a softer form; 1.0 = per-token mean).
+            num_return: the best this many finished hypotheses of each item (at most beam_size).
         Returns:
-            [B x max_length] word ids, right-padded with PAD, without BOS/EOS. Sets ``last_nfe``.
+            [B x max_length] word ids, right-padded with PAD, without BOS/EOS; [B x num_return x
+            max_length], best first, when num_return > 1. Sets ``last_nfe``.
         """
         bos_id, eos_id, pad_id = self.bos_id, self.eos_id, self.pad_id
         if not 1 <= max_length <= self.seq_len:
             raise ValueError(f"max_length must be in 1..{self.seq_len}, got {max_length}")
         if beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+        if not 1 <= num_return <= beam_size:
+            raise ValueError(f"num_return must be in 1..beam_size={beam_size}, got {num_return}")
         prefix = self.embed_prefix(self.encode_condition(features))
         stepper = _Stepper(self, prefix, bos_id, max_length, use_cache)
         # PAD and BOS are never targets; banning them keeps an undertrained model from emitting them.
@@ -429,7 +434,7 @@ class AutoregressiveCaptioner(Captioner):
         else:
             out = beam_search(stepper, max_length, eos_id, pad_id, banned, beam_size, length_penalty)
         self.last_nfe = stepper.nfe
-        return out
+        return out[:, :num_return] if num_return > 1 else (out if beam_size == 1 else out[:, 0])
 
 
 def _ban(logits: torch.Tensor, banned: list[int]) -> torch.Tensor:
@@ -463,7 +468,7 @@ def beam_search(
     top-k ranks becomes a finished hypothesis scored sum log p / (words + 1) ** length_penalty.
     An item stops once it has k finished hypotheses and its best live beam's normalised score is
     no better than the worst of them (HF's ``early_stopping=False`` rule); at max_length words
-    every live beam is forced to end with EOS. The best finished hypothesis is returned.
+    every live beam is forced to end with EOS. Returns the k finished hypotheses [B x k x L], best first.
     """
     logp = torch.log_softmax(_ban(stepper.start(), banned), dim=-1)  # [B x V]
     batch, vocab = logp.shape
@@ -515,4 +520,4 @@ def beam_search(
             break
         stepper.reorder((offsets + src).reshape(-1))
         logp = torch.log_softmax(_ban(stepper.step(tok.reshape(-1)), banned), dim=-1).view(batch, k, vocab)
-    return fin_tokens[:, 0]
+    return fin_tokens
