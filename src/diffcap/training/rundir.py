@@ -328,8 +328,8 @@ class RunDir:
         config.json describe a run that never happened."""
         try:
             saved = Config.from_dict(json.loads((folder / "config.json").read_text()), str(folder / "config.json"))
-        except (OSError, ValueError):
-            return  # an unreadable checkpoint is reported when it is loaded
+        except (OSError, json.JSONDecodeError):
+            return  # an unreadable checkpoint is reported when it is loaded (an invalid one raises ConfigError)
         if changed := changed_settings(saved, cfg):
             listed = "; ".join(f"{key} was {old!r}, now {new!r}" for key, old, new in changed)
             raise ConfigError(
