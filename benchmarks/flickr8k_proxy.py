@@ -29,7 +29,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from diffcap.config import ConfigError  # noqa: E402
 from diffcap.data.contract import DataError  # noqa: E402
-from diffcap.experiments.proxy import DISTILL_BEAM, DISTILL_SHARE, METHODS, ProxyOptions, run_proxy  # noqa: E402
+from diffcap.experiments.proxy import (  # noqa: E402
+    DISTILL_BEAM,
+    DISTILL_CAPTIONS,
+    DISTILL_SHARE,
+    METHODS,
+    ProxyOptions,
+    run_proxy,
+)
 
 
 def _split_list(values: Sequence[str]) -> list[str]:
@@ -85,6 +92,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "the training images the diffusion captioner then learns (0: train on the references)",
     )
     p.add_argument("--distill-beam", type=int, default=DISTILL_BEAM, help="beam size of the teacher's captions")
+    p.add_argument(
+        "--distill-captions",
+        type=int,
+        default=DISTILL_CAPTIONS,
+        help="teacher captions per training image: the best k distinct hypotheses of its beam (k <= beam)",
+    )
     p.add_argument("--steps-list", nargs="+", default=["1,2,3,5,10,20,50"], help="diffusion sampling steps to sweep")
     args = p.parse_args(argv)
     args.methods = _split_list(args.methods)
@@ -99,6 +112,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--steps-list takes positive integers")
     if args.distill_beam < 1:
         p.error("--distill-beam must be positive")
+    if not 1 <= args.distill_captions <= args.distill_beam:
+        p.error("--distill-captions must be in 1..--distill-beam")
     if not 0 <= args.distill_share < 1:
         p.error("--distill-share must be in [0, 1)")
     if args.budget_min <= 0:
@@ -131,6 +146,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             ar_set=args.ar_set,
             distill_share=args.distill_share,
             distill_beam=args.distill_beam,
+            distill_captions=args.distill_captions,
             steps_list=args.steps_list,
             command=command,
         )

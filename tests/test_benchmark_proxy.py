@@ -97,6 +97,7 @@ def test_end_to_end_all_methods(tmp_path, monkeypatch):
             budget_min=0.2,
             steps_list=[2],
             distill_share=0.25,
+            distill_captions=2,
             diffusion_set=[*TINY, "model.emb_dim=16", "sampler.steps=2"],
             ar_set=TINY,
         )
@@ -132,6 +133,7 @@ def test_end_to_end_all_methods(tmp_path, monkeypatch):
         distilled["teacher"]["train_s"] + distilled["captioning"]["captioning_s"] + distilled["student_train_s"]
     )
     assert saved["configs"]["diffusion"]["data"]["captions"].endswith("captions_distilled.jsonl")
+    assert distilled["captions_per_image"] == 2 and distilled["captioning"]["teacher_captions"] >= 12
     assert distilled["beam"] == 3 and {"BLEU-4", "CIDEr"} <= saved["diffusion_teacher"].keys()
     assert {"BLEU-4", "CIDEr"} <= saved["diffusion_without_collapse"].keys()
     assert 1 <= saved["autoregressive"]["nfe"] <= 20

@@ -74,6 +74,12 @@ def test_command_line(feature_data, teacher, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert json.loads(printed[: printed.rindex("}") + 1])["teacher_captions"] == 8
     assert len([r for r in read_captions(out) if r.split == "train"]) == 8
+    top2 = tmp_path / "top2.jsonl"
+    argv = ["distill", "--teacher", str(teacher), "--data", str(feature_data), "--out", str(top2), "--beam", "2"]
+    assert main([*argv, "--captions-per-image", "2"]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads(printed[: printed.rindex("}") + 1])
+    assert summary["captions_per_image"] == 2 and 8 < summary["teacher_captions"] <= 16
     assert (
         main(
             [

@@ -198,6 +198,7 @@ def cmd_distill(args) -> None:
         keep_references=args.keep_references,
         batch_size=args.batch_size,
         device=args.device,
+        captions_per_image=args.captions_per_image,
         **overrides,
     )
     print(json.dumps(summary, indent=2))
@@ -366,6 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train", help="split whose images get the teacher's captions")
     p.add_argument("--keep-references", action="store_true", help="keep the split's own captions as well")
     p.add_argument("--beam", type=int, help="teacher beam size (default: the teacher run's)")
+    p.add_argument(
+        "--captions-per-image",
+        type=int,
+        default=1,
+        help="the best k distinct hypotheses of the teacher's beam search per image (needs --beam >= k)",
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_distill)

@@ -60,6 +60,8 @@ ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 # shares compared). A beam gives the student better targets than greedy, for ~3x the teacher's captioning.
 DISTILL_SHARE = 0.5
 DISTILL_BEAM = 3
+# Captions per training image: the best k distinct hypotheses of the teacher's beam (diffcap.training.distill).
+DISTILL_CAPTIONS = 1
 LATENCY_IMAGES = 20
 THROUGHPUT_BATCH = 64
 METRIC_KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE_L", "CIDEr")
@@ -288,7 +290,13 @@ def train_method(cfg: Config, budget_s: float, runs: Path, name: str) -> tuple[P
 
 
 def train_distilled(
-    cfg: Config, teacher_cfg: Config, budget_s: float, share: float, runs: Path, beam: int = DISTILL_BEAM
+    cfg: Config,
+    teacher_cfg: Config,
+    budget_s: float,
+    share: float,
+    runs: Path,
+    beam: int = DISTILL_BEAM,
+    captions_per_image: int = DISTILL_CAPTIONS,
 ) -> tuple[Path, dict]:
     """Sequence-level distillation inside one budget (diffcap.training.distill): an autoregressive teacher
     trains for ``share`` of it, captions the training images, and the diffusion captioner trains on those
@@ -303,7 +311,13 @@ def train_distilled(
     say(f"diffusion: the teacher captions the training images (beam {beam})")
     distilled = Path(cfg.data.captions).with_name("captions_distilled.jsonl")
     summary = distill_captions(
-        teacher_dir, cfg.data.captions, cfg.data.features, distilled, split=cfg.data.train_split, beam_size=beam
+        teacher_dir,
+        cfg.data.captions,
+        cfg.data.features,
+        distilled,
+        split=cfg.data.train_split,
+        beam_size=beam,
+        captions_per_image=captions_per_image,
     )
     say(f"diffusion: {summary['teacher_captions']} teacher captions in {summary['captioning_s']:.1f} s")
     student_cfg = copy.deepcopy(cfg)
@@ -316,6 +330,7 @@ def train_distilled(
     info["distillation"] = {
         "share": share,
         "beam": beam,
+        "captions_per_image": captions_per_image,
         "teacher": teacher,
         "captioning": summary,
         "student_train_s": info["train_s"],
@@ -502,6 +517,7 @@ class ProxyOptions:
     ar_set: Sequence[str] = ()
     distill_share: float = DISTILL_SHARE
     distill_beam: int = DISTILL_BEAM
+    distill_captions: int = DISTILL_CAPTIONS
     steps_list: Sequence[int] = (1, 2, 3, 5, 10, 20, 50)
     command: str = ""
 
@@ -563,7 +579,13 @@ def run_proxy(opts: ProxyOptions) -> dict:
             cfg.data.val_split = opts.split if same_folder and opts.split != "train" else "none"
             if name == "diffusion" and opts.distill_share > 0:
                 run_dir, info = train_distilled(
-                    cfg, configs["autoregressive"], budget_s, opts.distill_share, runs, opts.distill_beam
+                    cfg,
+                    configs["autoregressive"],
+                    budget_s,
+                    opts.distill_share,
+                    runs,
+                    opts.distill_beam,
+                    opts.distill_captions,
                 )
             else:
                 say(f"{name}: training for {opts.budget_min:g} min")
@@ -609,6 +631,7 @@ def run_proxy(opts: ProxyOptions) -> dict:
         "budget_min": opts.budget_min,
         "distill_share": opts.distill_share,
         "distill_beam": opts.distill_beam,
+        "distill_captions": opts.distill_captions,
         "configs": trained,
     }
     write_json(opts.out, results)
