@@ -432,7 +432,7 @@ def write_text_features(
     metadata: dict[str, str] | None = None,
 ) -> None:
     """Encode one condition sentence per image (id -> sentence) into a features file of the contract: one
-    file, not a sharded store, since one pooled vector per image is small (5 MB for 3,000 images) and the
+    file, not a sharded store, since one pooled vector per image is small (12 MB for Flickr8k with MiniLM) and the
     encoding is not resumable anyway."""
     if not conditions:
         raise DataError(f"{path}: no condition sentences to encode")
