@@ -70,6 +70,7 @@ def test_seed_experiments_sweep_file_validates(tmp_path):
         "overfit_single_samples",
         "schedule_sqrt",
         "fusion_concat",
+        "fusion_cross",  # for patch grids; the proxy's features are one pooled vector
         "sampling_steps_200",
         "diffcap_best_distilled",
     }

@@ -79,7 +79,9 @@ class ModelConfig:
     # projection scored against the embedding table like the rounding head (logits = out @ E^T), which
     # is d_model / D times less arithmetic for the largest matmul of a step.
     score_head: str = "separate"
-    fusion: str = "concat"  # "add" (like a time embedding) or "concat" (extra tokens + segment embedding)
+    # "add" (like a time embedding), "concat" (extra tokens + segment embedding) or "cross" (every layer
+    # cross-attends to the condition tokens: a large patch grid stays out of the self-attention)
+    fusion: str = "concat"
     image_encoder: str | None = None  # "cnn": raw pixels go through a small CNN trained jointly (demo)
     cond_dim: int = 0  # condition width C; resolve() fills it in from the feature file
     cond_tokens: int = 0  # condition tokens N (1 for a pooled vector); resolve() fills it in from the feature file
@@ -279,7 +281,7 @@ def _coerce(value: Any, current: Any, key: str, source: str) -> Any:
 CHOICES = {  # (section, key) -> the values allowed
     ("data", "encoder_kind"): ("", "clip-image", "clip-text", "sentence-transformers"),
     ("model", "kind"): ("diffusion", "autoregressive"),
-    ("model", "fusion"): ("add", "concat"),
+    ("model", "fusion"): ("add", "concat", "cross"),
     ("model", "image_encoder"): (None, "cnn"),
     ("model", "score_head"): ("separate", "tied"),
     ("diffusion", "schedule"): ("linear", "cosine", "sqrt"),
@@ -352,6 +354,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             "diffusion.mask_predict_prob tells each position its own noise level and learns x0 there: it needs "
             "diffusion.objective=x0 and model.time_embedding=true"
+        )
+    if cfg.model.fusion == "cross" and cfg.model.backbone and cfg.model.kind == "diffusion":
+        raise ConfigError(
+            "model.fusion=cross builds a body with cross-attention layers (BLIP's text encoder); it cannot start "
+            "from model.backbone: use fusion add or concat with a pretrained body"
         )
     if cfg.model.score_interpolation and cfg.diffusion.objective != "x0":
         raise ConfigError("model.score_interpolation predicts x0 from logits: it needs diffusion.objective=x0")

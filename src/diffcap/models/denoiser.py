@@ -2,7 +2,8 @@
 
 It knows nothing about noise schedules. The body is a transformers BERT-family encoder, either built
 from a config (random initialisation) or loaded with ``from_pretrained`` (DistilBERT in the seed), fed
-through ``inputs_embeds`` so that it adds its own position embeddings.
+through ``inputs_embeds`` so that it adds its own position embeddings. With cross-attention fusion it
+is BLIP's text encoder, whose layers also attend to the condition tokens.
 """
 
 from __future__ import annotations
@@ -31,17 +32,47 @@ def build_body(
     max_positions: int,
     backbone: str | None,
     body_config: dict | None = None,
+    cross_attention: bool = False,
 ) -> nn.Module:
     """A transformers encoder used through ``inputs_embeds``; its word-embedding table is dropped.
 
     ``body_config`` (a saved ``config.to_dict()``) rebuilds a pretrained body's architecture without
-    reading its weights, which then come from the run's own safetensors file.
+    reading its weights, which then come from the run's own safetensors file. ``cross_attention``
+    builds a body whose layers also attend to ``encoder_hidden_states`` d_model wide.
     """
-    from transformers import AutoConfig, AutoModel, BertConfig, BertModel
+    from transformers import AutoConfig, AutoModel, BertConfig, BertModel, BlipTextConfig, BlipTextModel
 
     if body_config is not None:
         config = dict(body_config)
-        body = AutoModel.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
+        config = AutoConfig.for_model(config.pop("model_type"), **config)
+        # BLIP's text encoder has no AutoModel entry
+        body = (
+            BlipTextModel(config, add_pooling_layer=False)
+            if isinstance(config, BlipTextConfig)
+            else AutoModel.from_config(config)
+        )
+    elif cross_attention:
+        # BLIP's image-grounded text encoder (Li et al. 2022, arXiv 2201.12086): each BERT layer's
+        # bidirectional self-attention is followed by cross-attention to the condition tokens.
+        # transformers' BertModel cross-attends only as a causal decoder (is_decoder=True); BLIP's
+        # is_decoder=True config builds the cross-attention layers, and its forward's is_decoder=False
+        # (the default) keeps the self-attention bidirectional.
+        config = BlipTextConfig(
+            vocab_size=1,
+            hidden_size=d_model,
+            encoder_hidden_size=d_model,
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            intermediate_size=4 * d_model,
+            hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=dropout,
+            max_position_embeddings=max_positions,
+            is_decoder=True,
+            bos_token_id=None,
+            eos_token_id=None,
+            sep_token_id=None,
+        )
+        body = BlipTextModel(config, add_pooling_layer=False)
     elif backbone:
         body = AutoModel.from_pretrained(backbone, use_safetensors=True)  # never unpickle downloaded weights
     else:
@@ -73,7 +104,9 @@ class TransformerDenoiser(nn.Module):
         emb_dim: width D of the diffusion space (word embeddings).
         cond_dim: width C of the condition tokens (CLIP features, CNN grid, sentence embedding).
         fusion: "add" adds the pooled condition to every token, like a time embedding; "concat"
-            appends the condition tokens with a segment embedding (both from the seed).
+            appends the condition tokens with a segment embedding (both from the seed); "cross" lets
+            every layer cross-attend to the condition tokens, so self-attention spans the caption
+            only (a ViT-L/14 grid of 256 patches would make it span 276 positions, not 20).
         self_condition: also take the previous x0 estimate as input (Bit Diffusion, arXiv 2208.04202).
         time_embedding: add a sinusoidal timestep embedding (the seed's early models had none).
     """
@@ -102,9 +135,10 @@ class TransformerDenoiser(nn.Module):
             n_layers=n_layers,
             n_heads=n_heads,
             dropout=dropout,
-            max_positions=seq_len + max_cond_tokens,
+            max_positions=seq_len + (0 if fusion == "cross" else max_cond_tokens),
             backbone=backbone,
             body_config=body_config,
+            cross_attention=fusion == "cross",
         )
         d_model = self.body.config.hidden_size  # a pretrained backbone fixes the width
         self.d_model = d_model
@@ -154,10 +188,13 @@ class TransformerDenoiser(nn.Module):
             # [B] one time per caption, or [B x L] one per position (mask-predict's partly clean states)
             temb = self.time_mlp(timestep_embedding(t.reshape(-1), self.d_model).to(h.dtype))
             h = h + (temb.view(*t.shape, -1) if t.dim() == 2 else temb[:, None])
+        cross = {}
         if self.fusion == "add":
             h = h + c.mean(dim=1, keepdim=True)
-        else:
+        elif self.fusion == "concat":
             h = torch.cat([h + self.segment.weight[0], c + self.segment.weight[1]], dim=1)
-        h = self.body(inputs_embeds=h).last_hidden_state
+        else:  # cross: the sequence stays the caption, and every layer attends to the condition tokens
+            cross = {"encoder_hidden_states": c}
+        h = self.body(inputs_embeds=h, **cross).last_hidden_state
         h = h[:, :seq_len].contiguous()  # a sliced view would make the heads broadcast their weights (bmm)
         return self.out_proj(h) if project else h
