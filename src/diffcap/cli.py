@@ -163,6 +163,13 @@ def cmd_check_data(args) -> None:
         print(json.dumps(FeatureStore.open(path).verify()))
 
 
+def cmd_join_features(args) -> None:
+    from .data.sources import join_features
+
+    index = join_features(args.sources, args.out)
+    print(f"wrote {index.parent}; train on it with data.features={index.parent}")
+
+
 def cmd_train_guidance(args) -> None:
     from .training.guidance import train_guidance
 
@@ -341,6 +348,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-data", help="rescan feature stores: NaN/inf, shapes, the checksums recorded at writing")
     p.add_argument("features", nargs="+", help="a features .safetensors file or a sharded store folder")
     p.set_defaults(func=cmd_check_data)
+
+    p = sub.add_parser(
+        "join-features", help="several condition sources (e.g. CLIP image and text features) as one store"
+    )
+    p.add_argument("sources", nargs="+", help="feature stores keyed by the same image ids, equally wide")
+    p.add_argument("--out", required=True, help="the joined store (a folder of shards)")
+    p.set_defaults(func=cmd_join_features)
 
     p = sub.add_parser("train-guidance", help="train a classifier-guidance model for a diffusion run")
     p.add_argument("--run", required=True, help="trained diffusion run directory (its data files are reused)")

@@ -85,6 +85,10 @@ class ModelConfig:
     image_encoder: str | None = None  # "cnn": raw pixels go through a small CNN trained jointly (demo)
     cond_dim: int = 0  # condition width C; resolve() fills it in from the feature file
     cond_tokens: int = 0  # condition tokens N (1 for a pooled vector); resolve() fills it in from the feature file
+    # Each condition source's token count, in order ("1,1": a CLIP image then a CLIP text embedding), for a
+    # store joined from several sources (diffcap.data.sources); each gets its own segment embedding. ""
+    # is one source. resolve() fills it in from the feature file.
+    cond_segments: str = ""
 
 
 # model.image_encoder="cnn" reads CNN_IMAGE_SIZE x CNN_IMAGE_SIZE RGB pixels into a grid of CNN_TOKENS
@@ -360,6 +364,12 @@ def validate(cfg: Config) -> None:
             "model.fusion=cross builds a body with cross-attention layers (BLIP's text encoder); it cannot start "
             "from model.backbone: use fusion add or concat with a pretrained body"
         )
+    segments = condition_segments(cfg.model)
+    if cfg.model.cond_tokens and sum(segments) != cfg.model.cond_tokens:
+        raise ConfigError(
+            f"model.cond_segments={cfg.model.cond_segments!r} adds up to {sum(segments)} tokens, not "
+            f"model.cond_tokens={cfg.model.cond_tokens}"
+        )
     if cfg.model.score_interpolation and cfg.diffusion.objective != "x0":
         raise ConfigError("model.score_interpolation predicts x0 from logits: it needs diffusion.objective=x0")
     if cfg.diffusion.timesteps_per_caption < 1:
@@ -370,6 +380,21 @@ def validate(cfg: Config) -> None:
         raise ConfigError("diffusion.cond_dropout must be in [0, 1)")
     if cfg.model.kind == "diffusion":
         check_guidance(cfg.sampler, cfg.diffusion)
+
+
+def condition_segments(m: ModelConfig) -> list[int]:
+    """Each condition source's token count, in order: model.cond_segments parsed, or [model.cond_tokens]."""
+    if not m.cond_segments:
+        return [m.cond_tokens]
+    try:
+        counts = [int(part) for part in m.cond_segments.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise ConfigError(
+            f"model.cond_segments must be positive token counts separated by commas, got {m.cond_segments!r}"
+        )
+    return counts
 
 
 FEATURE_ENCODER_KINDS = ("clip-image", "clip-text", "sentence-transformers")  # kinds `diffcap caption` can rerun
@@ -388,6 +413,7 @@ def resolve(cfg: Config, data: FeatureSpec, tokenizer: CaptionTokenizer) -> Conf
     out = copy.deepcopy(cfg)
     m = out.model
     m.cond_tokens, m.cond_dim = condition_shape_of(m, data)
+    m.cond_segments = "" if m.image_encoder else data.metadata.get("segments", "")
     if not out.data.encoder:
         out.data.encoder = data.metadata.get("encoder", "")
         kind = data.metadata.get("kind", "")

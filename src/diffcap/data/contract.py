@@ -25,7 +25,9 @@ Features
     tensors share one *item shape* and one dtype: a pooled vector ``(D,)``, a
     token grid ``(N, D)``, or raw pixels such as ``(3, 64, 64)`` uint8.
     Floating-point values must be finite. The header's free-form metadata
-    (string to string, e.g. the encoder name) travels with the file.
+    (string to string, e.g. the encoder name) travels with the file; a store
+    joined from several condition sources (:mod:`diffcap.data.sources`)
+    records each source's token count there as ``segments`` ("1,1").
     safetensors stores names sorted, so ``FeatureStore.ids`` is in sorted
     order (within each shard), not the order the writer used.
 

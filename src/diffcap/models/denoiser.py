@@ -109,6 +109,9 @@ class TransformerDenoiser(nn.Module):
             only (a ViT-L/14 grid of 256 patches would make it span 276 positions, not 20).
         self_condition: also take the previous x0 estimate as input (Bit Diffusion, arXiv 2208.04202).
         time_embedding: add a sinusoidal timestep embedding (the seed's early models had none).
+        cond_segments: each condition source's token count, in order, when the condition tokens come from
+            several sources (the seed's "[x_t..., image_clip, text_clip]"); with "concat" or "cross" each
+            source gets its own learned segment embedding ("add" pools them all). None: one source.
     """
 
     def __init__(
@@ -128,6 +131,7 @@ class TransformerDenoiser(nn.Module):
         backbone: str | None = None,
         body_config: dict | None = None,
         out_dim: int | None = None,
+        cond_segments: list[int] | None = None,
     ):
         super().__init__()
         self.body = build_body(
@@ -156,6 +160,14 @@ class TransformerDenoiser(nn.Module):
             else None
         )
         self.segment = nn.Embedding(2, d_model) if fusion == "concat" else None
+        self.source = None
+        if cond_segments and len(cond_segments) > 1 and fusion != "add":
+            if sum(cond_segments) != max_cond_tokens:
+                raise ValueError(f"cond_segments {cond_segments} do not add up to {max_cond_tokens} condition tokens")
+            self.source = nn.Embedding(len(cond_segments), d_model)
+            # which source each condition token comes from; derived from the config, so not saved
+            ids = torch.repeat_interleave(torch.arange(len(cond_segments)), torch.tensor(cond_segments))
+            self.register_buffer("source_ids", ids, persistent=False)
 
     def forward(
         self,
@@ -184,6 +196,8 @@ class TransformerDenoiser(nn.Module):
         c = self.cond_proj(cond)  # (B, N, d)
         if drop_cond is not None:
             c = torch.where(drop_cond[:, None, None], self.null_cond.to(c.dtype).expand_as(c), c)
+        if self.source is not None:
+            c = c + self.source(self.source_ids).to(c.dtype)
         if self.time_mlp is not None:
             # [B] one time per caption, or [B x L] one per position (mask-predict's partly clean states)
             temb = self.time_mlp(timestep_embedding(t.reshape(-1), self.d_model).to(h.dtype))

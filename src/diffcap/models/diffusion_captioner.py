@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..caching import cached_while_unchanged
-from ..config import ConfigError, DiffusionConfig, ModelConfig, SamplerConfig
+from ..config import ConfigError, DiffusionConfig, ModelConfig, SamplerConfig, condition_segments
 from ..diffusion.diffusion import GaussianDiffusion
 from ..diffusion.sampler import Sampler
 from .base import SAMPLER_FIELDS, Captioner, Generation
@@ -85,6 +85,7 @@ class DiffusionCaptioner(Captioner):
             backbone=cfg.backbone if pretrained else None,
             body_config=backbone_config,
             out_dim=vocab_size if cfg.score_interpolation and cfg.score_head == "separate" else None,
+            cond_segments=condition_segments(cfg) if cfg.cond_segments else None,
         )
         if self.denoiser.d_model != cfg.d_model:
             raise ConfigError(
