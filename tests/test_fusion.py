@@ -129,6 +129,7 @@ def test_cross_fusion_overfits_a_clip_patch_grid_and_reloads(patch_data, tmp_pat
     loaded = CaptionPipeline.from_pretrained(tmp_path / "run")  # rebuilt from body_config.json, offline
     out = loaded(features, seed=0, trajectory=True)
     assert out.texts == CAPTIONS
+    assert loaded(features, seed=0, precision="bf16").texts == CAPTIONS  # the matmuls in bfloat16
     live = CaptionPipeline(trainer.cfg, trainer.ema.module, trainer.tokenizer)
     assert live(features, seed=0, trajectory=True).trajectories == out.trajectories
     saved = load_file(str(tmp_path / "run" / "ema.safetensors"))
