@@ -193,7 +193,8 @@ class _OracleWithConfidence(torch.nn.Module):
         return (out, logits) if return_logits else out
 
 
-def test_mask_predict_sampler_keeps_confident_words_and_renoises_the_rest():
+@pytest.mark.parametrize("clamp", [True, False])
+def test_mask_predict_sampler_keeps_confident_words_and_renoises_the_rest(clamp):
     from diffcap.config import SamplerConfig
     from diffcap.diffusion.sampler import Sampler
     from diffcap.models.embedding import TokenEmbedding
@@ -202,7 +203,7 @@ def test_mask_predict_sampler_keeps_confident_words_and_renoises_the_rest():
     target = torch.tensor([[5, 6, 7, 8, 0, 0]])
     diffusion = GaussianDiffusion(DiffusionConfig(schedule="linear", num_timesteps=50))
     model = _OracleWithConfidence(emb, target, sure=2, top=49)
-    sampler = Sampler(model, diffusion, SamplerConfig(method="mask_predict", steps=3, clamp=True), seq_len=6)
+    sampler = Sampler(model, diffusion, SamplerConfig(method="mask_predict", steps=3, clamp=clamp), seq_len=6)
     out = sampler.sample(torch.zeros(2, 3), torch.Generator().manual_seed(0), trajectory=True)
     assert out.ids.tolist() == target.expand(2, -1).tolist()
     first, second, third = model.calls

@@ -152,7 +152,10 @@ class Sampler:
         the length (CMLM predicts the length first). Step k+1 of S keeps the words it is most confident
         of as clean embeddings told t = 0, re-noises the n = N (S-1-k) / S least confident of the N words
         to t = T-1, and predicts those again, never as padding; kept positions keep their word and
-        confidence (CMLM's linear decay of n). Words are the argmax of the rounding logits.
+        confidence (CMLM's linear decay of n). With ``clamp`` a word is the embedding nearest to the x0
+        estimate, as the DDIM sampler rounds (with score interpolation x0 is the expected embedding, whose
+        nearest word can differ from the likeliest); without it the argmax of the rounding logits. Its
+        confidence is its probability under the logits.
         """
         emb = self.model.embedding
         batch, device = cond.shape[0], cond.device
@@ -171,12 +174,14 @@ class Sampler:
             if self_cond is not None:
                 self_cond = x0
             probs = logits.float().softmax(dim=-1)
+            if content is not None:
+                probs[..., pad_column] = 0  # the length is fixed: a word position stays a word
+            best = emb._nearest(x0, content, self.pad_id)[2] if self.cfg.clamp else probs.argmax(dim=-1)
+            prob = probs.gather(2, best[..., None])[..., 0]
             if words is None:
-                confidence, words = probs.max(dim=-1)
+                words, confidence = best, prob
                 content = words != pad_column
             else:
-                probs[..., pad_column] = 0  # the length is fixed: a word position stays a word
-                prob, best = probs.max(dim=-1)
                 words, confidence = torch.where(renoised, best, words), torch.where(renoised, prob, confidence)
             if want_trajectory:
                 traj.append((top, ids[words].cpu()))
