@@ -80,6 +80,7 @@ CASES = {
     "expected_length": ("diffusion", {"length": "expected", "steps": 5}),
     "time_offset": ("diffusion", {"time_offset": 10, "steps": 5}),
     "collapse_repeats": ("diffusion", {"collapse_repeats": True, "steps": 5}),
+    "mask_predict": ("diffusion", {"method": "mask_predict", "steps": 4}),
     "greedy": ("autoregressive", {}),
     "beam": ("autoregressive", {"beam_size": 3}),
 }
@@ -96,6 +97,7 @@ PINNED = {
     "expected_length": [[40, 29, 2, 40, 4, 5, 6, 0], [8, 9, 10, 11, 7, 13, 14, 0], [4, 38, 29, 4, 4, 38, 4, 0]],
     "time_offset": [[0, 0, 2, 0, 4, 5, 6, 7], [8, 9, 37, 11, 7, 13, 0, 15], [4, 0, 0, 4, 4, 38, 4, 0]],
     "collapse_repeats": [[0, 0, 2, 0, 4, 5, 6, 7], [8, 9, 10, 11, 7, 13, 0, 15], [4, 0, 0, 4, 38, 4, 0, 0]],
+    "mask_predict": [[0, 0, 26, 0, 4, 5, 16, 16], [8, 9, 25, 6, 16, 37, 0, 37], [4, 0, 0, 6, 4, 4, 4, 0]],
     "greedy": [[4, 19, 30, 5, 6, 21, 0, 0], [37, 18, 26, 7, 6, 33, 0, 0], [4, 23, 29, 4, 28, 11, 0, 0]],
     "beam": [[4, 19, 30, 5, 6, 21, 0, 0], [37, 18, 26, 7, 6, 33, 0, 0], [4, 23, 29, 4, 28, 11, 0, 0]],
 }
