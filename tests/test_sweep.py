@@ -41,6 +41,8 @@ def test_configs_exist_for_the_seed_experiments():
         "rounding_weight_1e5",
         "objective_xtk30_rounding_0.1",
         "pretrained_body_trainable",
+        "loss_vlb",
+        "frozen_projections",
     ):
         assert needed in names
 

@@ -89,6 +89,11 @@ class ModelConfig:
     # store joined from several sources (diffcap.data.sources); each gets its own segment embedding. ""
     # is one source. resolve() fills it in from the feature file.
     cond_segments: str = ""
+    # The seed's "no training embedding and projection" and "pretrained projection layer with no bias":
+    # freeze the projections into and out of the embedding space (the identity when the table is as wide
+    # as the body; models/projections.py), and drop their bias.
+    freeze_projections: bool = False
+    projection_bias: bool = True
 
 
 # model.image_encoder="cnn" reads CNN_IMAGE_SIZE x CNN_IMAGE_SIZE RGB pixels into a grid of CNN_TOKENS
@@ -103,7 +108,8 @@ class DiffusionConfig:
     num_timesteps: int = 2000
     objective: str = "x0"  # x0, eps, or xtk (predict x_{t-k}, the seed's x_{t-30})
     step_gap: int = 30  # k of the xtk objective
-    loss: str = "l1"  # l1 or mse on the objective
+    # l1 or mse on the objective, or vlb: the variational bound's closed-form terms (diffusion/vlb.py)
+    loss: str = "l1"
     rounding_weight: float = 0.3  # cross-entropy of the tied rounding head; the seed's best
     diffusion_weight: float = 1.0  # the L1/MSE term; 0 with score interpolation is CDCD's pure CE loss
     restore_weight: float = 0.0  # Diffusion-LM's x_1 -> embedding restore term
@@ -290,7 +296,7 @@ CHOICES = {  # (section, key) -> the values allowed
     ("model", "score_head"): ("separate", "tied"),
     ("diffusion", "schedule"): ("linear", "cosine", "sqrt"),
     ("diffusion", "objective"): ("x0", "eps", "xtk"),
-    ("diffusion", "loss"): ("l1", "mse"),
+    ("diffusion", "loss"): ("l1", "mse", "vlb"),
     ("diffusion", "timestep_sampler"): ("uniform", "loss_aware", "warped", "grid"),
     ("sampler", "method"): ("ddim", "ddpm", "refine", "mask_predict"),
     ("sampler", "length"): ("free", "expected"),
@@ -372,6 +378,18 @@ def validate(cfg: Config) -> None:
         )
     if cfg.model.score_interpolation and cfg.diffusion.objective != "x0":
         raise ConfigError("model.score_interpolation predicts x0 from logits: it needs diffusion.objective=x0")
+    m = cfg.model
+    if (m.freeze_projections or not m.projection_bias) and m.score_interpolation and m.score_head == "separate":
+        raise ConfigError(
+            "model.freeze_projections and model.projection_bias=false are about the projection back to the "
+            "embedding space; with score interpolation's separate head the output layer is the vocabulary "
+            "head: use model.score_head=tied"
+        )
+    if cfg.diffusion.loss == "vlb" and cfg.diffusion.mask_predict_prob > 0:
+        raise ConfigError(
+            "diffusion.loss=vlb scores one noise level per caption; mask-predict examples have one per word: "
+            "use diffusion.mask_predict_prob=0"
+        )
     if cfg.diffusion.timesteps_per_caption < 1:
         raise ConfigError("diffusion.timesteps_per_caption must be >= 1")
     if cfg.data.feature_noise_std < 0:

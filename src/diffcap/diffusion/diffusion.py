@@ -15,6 +15,7 @@ from .noise import StepNoise
 from .objectives import make_objective
 from .schedules import alpha_bar, make_betas
 from .timesteps import make_timestep_sampler
+from .vlb import VariationalBound
 
 
 class GaussianDiffusion(nn.Module):
@@ -33,6 +34,7 @@ class GaussianDiffusion(nn.Module):
         self.register_buffer("s_ext", torch.cat([torch.zeros(1), (1 - ab).sqrt()]), persistent=False)
         self.objective = make_objective(cfg.objective, self, cfg.step_gap)
         self.timesteps = make_timestep_sampler(cfg.timestep_sampler, cfg.num_timesteps, cfg.grid_steps)
+        self.vlb = VariationalBound(self.betas) if cfg.loss == "vlb" else None
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t ~ q(x_t | x0) = N(sqrt(abar_t) x0, (1 - abar_t) I); [B x L x D]."""
@@ -167,7 +169,10 @@ class GaussianDiffusion(nn.Module):
             self_cond = torch.where(use[:, None, None], first, torch.zeros_like(first)).detach()
 
         out, logits = model(x_t, t_net, cond, self_cond, drop, return_logits=True)
-        per_sample = self._distance(out, self.objective.target(x0, eps, t), weight)
+        if self.vlb is not None:  # the variational bound's term at t, whatever the objective
+            per_sample = self.vlb.loss(x0, x_t, self.predict_x0(out, x_t, t), t)
+        else:
+            per_sample = self._distance(out, self.objective.target(x0, eps, t), weight)
         if logits is None:  # the tied rounding head on the x0 estimate
             logits = core.embedding.logits(self.predict_x0(out, x_t, t))  # (B, L, A)
         # Logits cover the tokens rounding may produce; a validation caption may hold another one,

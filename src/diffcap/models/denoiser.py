@@ -112,6 +112,8 @@ class TransformerDenoiser(nn.Module):
         cond_segments: each condition source's token count, in order, when the condition tokens come from
             several sources (the seed's "[x_t..., image_clip, text_clip]"); with "concat" or "cross" each
             source gets its own learned segment embedding ("add" pools them all). None: one source.
+        projection_bias: give ``in_proj`` and ``out_proj`` a bias (the seed found none better for a
+            pretrained projection, since its input has none).
     """
 
     def __init__(
@@ -132,6 +134,7 @@ class TransformerDenoiser(nn.Module):
         body_config: dict | None = None,
         out_dim: int | None = None,
         cond_segments: list[int] | None = None,
+        projection_bias: bool = True,
     ):
         super().__init__()
         self.body = build_body(
@@ -148,9 +151,9 @@ class TransformerDenoiser(nn.Module):
         self.d_model = d_model
         self.fusion = fusion
         self.self_condition = self_condition
-        self.in_proj = nn.Linear(emb_dim * (2 if self_condition else 1), d_model)
+        self.in_proj = nn.Linear(emb_dim * (2 if self_condition else 1), d_model, bias=projection_bias)
         # out_dim: the vocabulary size when the model outputs logits (score interpolation), else D.
-        self.out_proj = nn.Linear(d_model, out_dim or emb_dim)
+        self.out_proj = nn.Linear(d_model, out_dim or emb_dim, bias=projection_bias)
         self.cond_proj = nn.Sequential(nn.Linear(cond_dim, d_model), nn.LayerNorm(d_model))
         # Learned "no condition" token for classifier-free guidance (Ho & Salimans, arXiv 2207.12598).
         self.null_cond = nn.Parameter(torch.zeros(d_model))

@@ -14,6 +14,7 @@ from .base import SAMPLER_FIELDS, Captioner, Generation
 from .conditioning import condition_shape, make_image_encoder
 from .denoiser import TransformerDenoiser
 from .embedding import TokenEmbedding, load_pretrained_embeddings
+from .projections import freeze_projections
 
 
 class DiffusionCaptioner(Captioner):
@@ -86,7 +87,10 @@ class DiffusionCaptioner(Captioner):
             body_config=backbone_config,
             out_dim=vocab_size if cfg.score_interpolation and cfg.score_head == "separate" else None,
             cond_segments=condition_segments(cfg) if cfg.cond_segments else None,
+            projection_bias=cfg.projection_bias,
         )
+        if cfg.freeze_projections:
+            freeze_projections(self.denoiser.in_proj, self.denoiser.out_proj, cfg.emb_dim)
         if self.denoiser.d_model != cfg.d_model:
             raise ConfigError(
                 f"the transformer body is {self.denoiser.d_model} wide, not model.d_model={cfg.d_model}: "
