@@ -129,6 +129,24 @@ def test_eval_and_sample_write_the_trajectory_report(patch_run, tmp_path):
     assert not (tmp_path / "plain" / "report.html").exists()
 
 
+def test_reports_of_an_autoregressive_run_show_captions_without_a_trajectory(feature_data, tmp_path):
+    """Left-to-right decoding has no intermediate estimates: the report lists the captions and no steps."""
+    cfg = small_config(feature_data, steps=2)
+    cfg.model.kind, cfg.model.d_model, cfg.model.n_layers = "autoregressive", 32, 1
+    run = tmp_path / "run"
+    Trainer(cfg, run).train(resume=False)
+    args = ["--run", str(run), "--report-images", "2"]
+    out = tmp_path / "eval"
+    assert main(["eval", *args, "--data", str(feature_data), "--split", "val", "--out", str(out), "--report"]) == 0
+    page = (out / "report.html").read_text()
+    assert page.count('class="item"') == 2 and "sampling trajectory" not in page and "CIDEr" in page
+
+    features = str(feature_data / "features.safetensors")
+    assert main(["sample", *args, "--features", features, "--ids", "val0", "--report", str(tmp_path / "s.html")]) == 0
+    page = (tmp_path / "s.html").read_text()
+    assert page.count('class="item"') == 1 and "sampling trajectory" not in page
+
+
 def test_token_recovery_counts_what_comes_back_from_x_t(patch_run):
     from diffcap.evaluation.diagnose import token_recovery
     from diffcap.pipeline import CaptionPipeline

@@ -67,7 +67,8 @@ def cmd_sample(args) -> None:
     store = FeatureStore.open(args.features)
     ids = args.ids or store.ids
     features, overrides = store.get(ids), _sampler_overrides(args)
-    result = pipe(features, trajectory=bool(args.report), **overrides)
+    # Only an iterative (diffusion) model has intermediate estimates; an autoregressive report shows captions alone.
+    result = pipe(features, trajectory=bool(args.report) and pipe.model.iterative, **overrides)
     for image_id, text in zip(ids, result.texts):
         print(f"{image_id}\t{text}")
     if args.out:

@@ -304,7 +304,9 @@ def evaluate_run(
     store = FeatureStore.open(features)
     image_ids = list(references)
     features = store.get(image_ids)
-    result = pipe(features, seed=seed, trajectory=report_images > 0, **sampler_overrides)
+    # Only an iterative (diffusion) model has intermediate estimates; an autoregressive report shows captions alone.
+    trajectory = report_images > 0 and pipe.model.iterative
+    result = pipe(features, seed=seed, trajectory=trajectory, **sampler_overrides)
     predictions = dict(zip(image_ids, result.texts))
     metrics = coco_metrics(predictions, references)
     metrics.update(split=split, run=str(run_dir))
