@@ -213,3 +213,38 @@ def test_mask_predict_sampler_keeps_confident_words_and_renoises_the_rest(clamp)
     assert (second == 49).tolist() == [[False, False, True, True, False, False]] * 2
     assert (third == 49).sum(1).tolist() == [1, 1] and (third[:, [0, 1, 4, 5]] == 0).all()
     assert len(out.trajectory) == 3
+
+
+def test_mask_predict_sampling_refuses_a_length_layout_and_classifier_guidance():
+    cfg = Config()
+    cfg.sampler.method = "mask_predict"
+    validate(cfg)
+    cfg.sampler.length = "expected"
+    with pytest.raises(ConfigError, match="mask_predict.*length=free"):
+        validate(cfg)
+
+
+def test_losses_at_given_timesteps_are_plain_denoising(feature_data, tmp_path):
+    """Validation scores fixed timesteps: no example of it is a mask-predict or unrolled one."""
+    from conftest import small_config
+
+    from diffcap.data.contract import FeatureStore
+    from diffcap.training import Trainer
+
+    cfg = small_config(feature_data, steps=1)
+    cfg.diffusion.mask_predict_prob, cfg.diffusion.unroll_prob = 1.0, 1.0
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.train(resume=False)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    seen = []
+    original = model.forward
+
+    def spy(x_t, t, *args, **kwargs):
+        seen.append(t.clone())
+        return original(x_t, t, *args, **kwargs)
+
+    model.forward = spy
+    ids = trainer.tokenizer.encode(["a red cube", "a blue ball"])
+    feats = FeatureStore.open(feature_data / "features.safetensors").get(["img0", "img1"])
+    model.diffusion.training_losses(model, ids, feats, t=torch.tensor([3, 7]))
+    assert all(t.tolist() == [3, 7] for t in seen)

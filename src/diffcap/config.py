@@ -329,6 +329,11 @@ def validate_sampler(sampler: SamplerConfig, num_timesteps: int) -> None:
         raise ConfigError(f"sampler.time_offset must be >= 0, got {sampler.time_offset}")
     if sampler.classifier_scale < 0:
         raise ConfigError("sampler.classifier_scale must be >= 0 (0 = no classifier guidance)")
+    if sampler.method == "mask_predict" and (sampler.classifier_scale > 0 or sampler.length != "free"):
+        raise ConfigError(
+            "sampler.method=mask_predict fixes the length at its first step and steers no classifier: it needs "
+            f"sampler.length=free and sampler.classifier_scale=0 (got {sampler.length!r}, {sampler.classifier_scale:g})"
+        )
 
 
 def check_guidance(sampler: SamplerConfig, diffusion: DiffusionConfig) -> None:

@@ -127,7 +127,9 @@ class GaussianDiffusion(nn.Module):
         x_t = self.q_sample(x0, t, eps)
         drop = rand() < cfg.cond_dropout
         t_net, weight, masked = t, None, None  # the time the network is told; per-position loss weights
-        if cfg.mask_predict_prob > 0:
+        # Mask-predict and unrolled examples are training devices: a loss at given timesteps (validation
+        # per quartile) measures plain denoising at those timesteps.
+        if cfg.mask_predict_prob > 0 and learn_timesteps:
             masked = rand() < cfg.mask_predict_prob
             seq_len = ids.shape[1]
             scores = noise.randn(seq_len) if noise is not None else torch.randn(batch, seq_len, device=ids.device)
@@ -141,7 +143,7 @@ class GaussianDiffusion(nn.Module):
 
         # The no-gradient first pass: the model's x0 estimate at t (self-conditioning), or for unrolled
         # examples at t = T-1 from x_T, as the sampler's first step makes it.
-        unroll = rand() < cfg.unroll_prob if cfg.unroll_prob > 0 else None
+        unroll = rand() < cfg.unroll_prob if cfg.unroll_prob > 0 and learn_timesteps else None
         if unroll is not None and masked is not None:
             unroll = unroll & ~masked
         x_first, t_first, t_first_net = x_t, t, t_net

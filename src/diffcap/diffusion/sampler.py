@@ -48,7 +48,9 @@ def guide(x0_cond: torch.Tensor, x0_uncond: torch.Tensor, scale: float) -> torch
 @dataclass
 class SampleOutput:
     ids: torch.Tensor  # [B x L]
-    trajectory: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (t, [B x L] ids of x0_hat)
+    # (t, [B x L] ids of x0_hat) per step; for mask-predict t is T-1 times the share of the positions
+    # that step predicted afresh (all at step 1, fewer at each later step)
+    trajectory: list[tuple[int, torch.Tensor]] = field(default_factory=list)
 
 
 class Sampler:
@@ -60,8 +62,6 @@ class Sampler:
         self.model, self.diffusion, self.cfg, self.seq_len, self.pad_id = model, diffusion, cfg, seq_len, pad_id
         if cfg.classifier_scale > 0 and classifier is None:
             raise ValueError("sampler.classifier_scale > 0 needs a guidance classifier")
-        if cfg.method == "mask_predict" and (cfg.classifier_scale > 0 or cfg.length != "free"):
-            raise ValueError("sampler.method=mask_predict works with classifier_scale=0 and length=free")
         self.classifier = classifier
 
     def _x0(self, x_t, t, cond, self_cond, want_logits: bool = False):
@@ -176,7 +176,7 @@ class Sampler:
             probs = logits.float().softmax(dim=-1)
             if content is not None:
                 probs[..., pad_column] = 0  # the length is fixed: a word position stays a word
-            best = emb._nearest(x0, content, self.pad_id)[2] if self.cfg.clamp else probs.argmax(dim=-1)
+            best = emb.nearest_index(x0, content, self.pad_id) if self.cfg.clamp else probs.argmax(dim=-1)
             prob = probs.gather(2, best[..., None])[..., 0]
             if words is None:
                 words, confidence = best, prob
@@ -184,7 +184,7 @@ class Sampler:
             else:
                 words, confidence = torch.where(renoised, best, words), torch.where(renoised, prob, confidence)
             if want_trajectory:
-                traj.append((top, ids[words].cpu()))
+                traj.append((round(top * float(renoised.float().mean())), ids[words].cpu()))
             n = content.sum(dim=1, keepdim=True) * (steps - 1 - k) // steps
             if not n.any():
                 break

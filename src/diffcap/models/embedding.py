@@ -118,6 +118,10 @@ class TokenEmbedding(nn.Module):
             score = score.masked_fill(content[..., None] == pad, float("-inf"))
         return ids, rows, score.argmax(dim=-1)
 
+    def nearest_index(self, x: torch.Tensor, content: torch.Tensor | None = None, pad_id: int = 0) -> torch.Tensor:
+        """Like :meth:`nearest`, but each vector's column in :meth:`logits` (its allowed-row index)."""
+        return self._nearest(x, content, pad_id)[2]
+
     def nearest(self, x: torch.Tensor, content: torch.Tensor | None = None, pad_id: int = 0) -> torch.Tensor:
         """Ids of the nearest allowed rows (within a layout, see :meth:`_nearest`)."""
         ids, _, best = self._nearest(x, content, pad_id)
