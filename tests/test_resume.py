@@ -393,6 +393,23 @@ def test_logs_after_a_resume_hold_each_step_once(feature_data, tmp_path):
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))
 
 
+def test_a_log_line_torn_by_a_kill_is_dropped_on_resume(feature_data, tmp_path, caplog):
+    from diffcap.model_card import last_validation
+
+    run = tmp_path / "run"
+    trained(feature_data, run, steps=2, save_every=2, eval_every=2, eval_images=2)
+    log = run / "logs" / "train.jsonl"
+    with log.open("a") as f:
+        f.write('{"step": 3, "train/lo')  # killed mid-write: no closing brace, no newline
+    assert last_validation(run)["step"] == 2
+    trained(feature_data, run, steps=4, save_every=2)
+    assert "train.jsonl: dropped its last line, cut short by an interrupted write" in caplog.text
+    assert [row["step"] for row in log_rows(run) if "train/loss" in row] == [1, 2, 3, 4]
+    log.write_text(log.read_text().replace('"step": 2', '"step": 2,,', 1))  # a bad line that is not the last
+    with pytest.raises(ValueError, match=r"train.jsonl:\d+: not a JSON record"):
+        last_validation(run)
+
+
 def test_a_second_trainer_on_the_same_directory_is_refused(feature_data, tmp_path):
     from diffcap.training.rundir import RunDirError
 

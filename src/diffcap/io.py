@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -15,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 PathLike = str | os.PathLike
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -47,6 +49,24 @@ def atomic_output(path: PathLike) -> Iterator[Path]:
 def write_json(path: PathLike, obj: Any) -> None:
     with atomic_output(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def read_jsonl_log(path: PathLike) -> list[dict]:
+    """The records of a JSONL log that a process appends to, one JSON object a line.
+
+    A process killed mid-write (kill -9, power loss) leaves a torn last line: it is dropped with a
+    warning, since every line before it is complete. A bad line anywhere else is corruption and raises.
+    """
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number < len(lines):
+                raise ValueError(f"{path}:{number}: not a JSON record ({err})") from None
+            log.warning("%s: dropped its last line, cut short by an interrupted write: %.80r", path, line)
+    return rows
 
 
 def save_tensors(path: PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

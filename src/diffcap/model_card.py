@@ -11,7 +11,7 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 
 from .config import Config
-from .io import PathLike, atomic_output
+from .io import PathLike, atomic_output, read_jsonl_log
 
 METRICS = ("BLEU-4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 
@@ -32,7 +32,7 @@ def evaluations(run_dir: Path) -> dict[str, dict]:
 def last_validation(run_dir: Path) -> dict[str, float]:
     """The scalars of the last validation during training (val/* of logs/train.jsonl)."""
     log = run_dir / "logs" / "train.jsonl"
-    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+    records = read_jsonl_log(log) if log.is_file() else []
     for record in reversed(records):
         scores = {k: v for k, v in record.items() if k.startswith("val/") and isinstance(v, (int, float))}
         if scores:

@@ -36,7 +36,7 @@ from ..data.contract import (
 )
 from ..data.datasets import CaptionPairs, SplitData, load_split
 from ..diffusion.noise import StepNoise
-from ..io import atomic_output
+from ..io import atomic_output, read_jsonl_log
 from ..models.factory import build_model
 from ..text.tokenizer import CaptionTokenizer
 from .rundir import RunDir, TrainingState
@@ -157,12 +157,13 @@ class TrainLog:
         self.start_step = step
         if not self.enabled or not self.path.exists():
             return
-        lines = self.path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.validated = {r["step"] for r in map(json.loads, kept) if any(k.startswith("val/") for k in r)}
-        if len(kept) < len(lines):
+        rows = read_jsonl_log(self.path)
+        kept = [r for r in rows if r.get("step", 0) <= step]
+        self.validated = {r["step"] for r in kept if any(k.startswith("val/") for k in r)}
+        lines = "".join(json.dumps(r) + "\n" for r in kept)
+        if lines != self.path.read_text():  # also rewritten to drop a torn last line, which appends would extend
             with atomic_output(self.path) as tmp:
-                tmp.write_text("".join(kept))
+                tmp.write_text(lines)
 
     def __call__(self, record: dict) -> None:
         if not self.enabled:
