@@ -410,6 +410,29 @@ def test_a_log_line_torn_by_a_kill_is_dropped_on_resume(feature_data, tmp_path, 
         last_validation(run)
 
 
+def test_a_rerun_after_a_kill_before_the_first_checkpoint_starts_its_logs_afresh(feature_data, tmp_path):
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    trained(feature_data, run, steps=2, save_every=2)
+    shutil.rmtree(run / "checkpoints")  # as if killed after logging steps 1 and 2, before any checkpoint
+    trained(feature_data, run, steps=2, save_every=2)  # finds no checkpoint, so trains from step 0
+    assert [row["step"] for row in log_rows(run)] == [1, 2]
+    events = EventAccumulator(str(run / "logs" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2]  # the killed run's events are hidden
+
+    shutil.rmtree(run / "checkpoints")
+    cfg = small_config(feature_data, steps=2)
+    cfg.train.log_every = 1
+    Trainer(cfg, run).train(resume=False)  # starting over keeps the old logs aside
+    aside = list(tmp_path.glob("run/logs.replaced-*"))
+    assert len(aside) == 1 and len((aside[0] / "train.jsonl").read_text().splitlines()) == 2
+    assert [row["step"] for row in log_rows(run)] == [1, 2]
+
+
 def test_a_second_trainer_on_the_same_directory_is_refused(feature_data, tmp_path):
     from diffcap.training.rundir import RunDirError
 

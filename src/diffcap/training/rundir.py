@@ -243,20 +243,21 @@ class RunDir:
         )
 
     def start_over(self) -> None:
-        """Starting over in a run directory that holds another run's checkpoints: move them aside
-        rather than delete them, and so that pruning and a later resume see only this run's."""
+        """Starting over in a run directory that holds another run's checkpoints or logs: move them aside
+        rather than delete them, so that pruning and a later resume see only this run's checkpoints and
+        its logs start empty (also when the earlier run was stopped before its first checkpoint)."""
+        if not self.is_main:
+            return
         old = self.path / CHECKPOINTS
-        if not self.is_main or not old.is_dir() or not any(old.iterdir()):
+        moved = [p for p in (old, self.path / "logs") if p.is_dir() and any(p.iterdir())]
+        if not moved:
             return
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        aside = self.path / f"{CHECKPOINTS}.replaced-{stamp}"
-        old.rename(aside)
+        for p in moved:
+            p.rename(self.path / f"{p.name}.replaced-{stamp}")
         (self.path / "checkpoint.json").unlink(missing_ok=True)
-        if (self.path / "logs").is_dir():  # its logs go with them, so the new run's logs start empty
-            (self.path / "logs").rename(self.path / f"logs.replaced-{stamp}")
-        log.warning(
-            "%s: starting over; the earlier run's checkpoints and logs were moved to *.replaced-%s", self.path, stamp
-        )
+        names = " and ".join(p.name for p in moved)
+        log.warning("%s: starting over; the earlier run's %s moved to *.replaced-%s", self.path, names, stamp)
 
     def lock(self) -> None:
         """Hold ``train.lock`` in the run directory until :meth:`unlock` or the process ends (an

@@ -174,7 +174,9 @@ class TrainLog:
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            purge = self.start_step + 1 if self.start_step else None
+            # TensorBoard hides the events from purge_step on, as start() drops the later JSONL rows; at step 0
+            # too, so that a rerun that found no checkpoint does not show a killed run's curves under its own.
+            purge = self.start_step + 1
             self.writer = SummaryWriter(str(self.out_dir / "logs" / "tensorboard"), purge_step=purge)
         for key, value in record.items():
             if isinstance(value, (int, float)) and key != "step":
