@@ -55,6 +55,20 @@ def test_clip_encoders_refuse_pickled_weights(tmp_path):
         TextEncoder(str(folder), kind="clip-text", device="cpu")
 
 
+def test_sentence_transformers_encoder_refuses_pickled_weights(pickled_bert, tmp_path):
+    import shutil
+
+    from transformers import BertTokenizerFast
+
+    from diffcap.data.encoders import TextEncoder
+
+    folder = shutil.copytree(pickled_bert, tmp_path / "st")
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "dog"]) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    with pytest.raises(ValueError, match="model.safetensors"):
+        TextEncoder(str(folder), kind="sentence-transformers", device="cpu")
+
+
 def test_pip_installs_get_a_torch_without_the_torch_load_vulnerability():
     pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
     pin = re.search(r'^\s*"torch>=(\d+)\.(\d+)', pyproject, re.MULTILINE)

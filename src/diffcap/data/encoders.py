@@ -377,7 +377,10 @@ class TextEncoder:
                 from sentence_transformers import SentenceTransformer
 
                 with _quiet_transformers():
-                    self.model = SentenceTransformer(self.encoder, device=str(self.device))
+                    # safetensors only: a pickled pytorch_model.bin could run code when torch.load reads it
+                    self.model = SentenceTransformer(
+                        self.encoder, device=str(self.device), model_kwargs={"use_safetensors": True}
+                    )
                 self.model.to(self.dtype)
             else:
                 from transformers import AutoTokenizer, CLIPTextModelWithProjection
