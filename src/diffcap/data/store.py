@@ -19,8 +19,9 @@ by safetensors.
 
 Checks happen once, when a file is written: :func:`write_features` refuses NaN/inf and mixed shapes,
 and records in the file's metadata (key ``diffcap.checks``) the item count, shape, dtype and a SHA-256
-of the items' bytes. Opening a file trusts that record after a header-only shape check; a file without
-it (another producer's) is scanned the first time it is opened, a chunk at a time.
+of the items' bytes. Opening a file trusts that record after a header-only shape check; a file of floating-point
+items without it (another producer's) is scanned for NaN/inf, a chunk at a time, every time it is opened,
+since nothing records that an earlier scan passed; writing it again with :func:`write_features` does.
 :meth:`FeatureStore.verify` (``diffcap check-data``) rescans everything and compares the checksums.
 """
 
