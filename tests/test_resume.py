@@ -235,10 +235,17 @@ def test_nan_gradient_with_a_finite_loss_stops_before_the_update(feature_data, t
     """A gradient hook returns NaN at the 4th backward: the loss is finite, the gradient is not."""
     run = tmp_path / "run"
     cfg = small_config(feature_data, steps=8)
-    cfg.train.save_every = 2
+    cfg.train.save_every, cfg.train.batch_size = 2, 2
     trainer = Trainer(cfg, run)
     param = next(p for p in trainer.state.model.parameters() if p.requires_grad)
-    backwards = []
+    backwards, batches = [], []
+    losses = trainer.state.model.training_losses
+
+    def recording(ids, feats, **kw):  # the features of each batch, to tell which images the 4th one held
+        batches.append(feats.detach().clone())
+        return losses(ids, feats, **kw)
+
+    trainer.state.model.training_losses = recording
 
     def poison(grad):
         backwards.append(1)
@@ -249,13 +256,17 @@ def test_nan_gradient_with_a_finite_loss_stops_before_the_update(feature_data, t
     with pytest.raises(FloatingPointError) as info:
         trainer.train(resume=False)
     message = str(info.value)
-    assert "non-finite gradient at step 4 from a finite loss" in message and "'img" in message
+    stored = load_file(str(feature_data / "features.safetensors"))
+    poisoned = [next(i for i, v in stored.items() if torch.equal(v, row)) for row in batches[3]]
+    named = ", ".join(repr(i) for i in dict.fromkeys(poisoned))
+    assert f"non-finite gradient at step 4 from a finite loss (batch of {len(set(poisoned))} image(s)" in message
+    assert f"id(s): {named})" in message
     assert f"the checkpoint of step 2 is intact ({run / 'checkpoints' / 'step-000002'})" in message
     assert [s for s, _ in RunDir(run).checkpoints()] == [2]
     weights = trainer.state.model.state_dict()  # the update of step 4 never happened
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
     assert any(not torch.equal(before[k], weights[k]) for k in before)  # steps 1-3 did train
-    resumed = Trainer(small_config(feature_data, steps=8), run)
+    resumed = Trainer(cfg, run)
     assert resumed.resume() and resumed.step == 2
 
 
