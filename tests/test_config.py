@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from diffcap.config import Config, ConfigError
@@ -70,3 +72,18 @@ def test_resolve_returns_a_new_config_with_the_condition_shape(tmp_path):
     cfg.model.image_encoder = "cnn"
     cnn = resolve(cfg, pixels, tokenizer).model
     assert (cnn.cond_tokens, cnn.cond_dim) == (16, 128)
+
+
+@pytest.mark.parametrize(
+    "setting, named",
+    [
+        ("model.freeze_projections=true", "model.freeze_projections=true"),
+        ("model.projection_bias=false", "model.projection_bias=false"),
+        ("model.cond_segments=1,1", "model.cond_segments='1,1'"),
+    ],
+)
+def test_denoiser_settings_are_refused_for_the_autoregressive_captioner(setting, named):
+    Config.load(None, [setting])  # a diffusion run takes them
+    with pytest.raises(ConfigError, match=re.escape(named)) as info:
+        Config.load(None, ["model.kind=autoregressive", setting])
+    assert "a setting of the diffusion denoiser; model.kind=autoregressive has none" in str(info.value)

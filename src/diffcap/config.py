@@ -384,6 +384,19 @@ def validate(cfg: Config) -> None:
     if cfg.model.score_interpolation and cfg.diffusion.objective != "x0":
         raise ConfigError("model.score_interpolation predicts x0 from logits: it needs diffusion.objective=x0")
     m = cfg.model
+    if m.kind == "autoregressive":
+        # The left-to-right baseline has neither the denoiser's embedding-space projections nor its
+        # per-source segment embeddings: these settings would be ignored, and the run mislabelled.
+        ignored = {
+            "model.freeze_projections=true": m.freeze_projections,
+            "model.projection_bias=false": not m.projection_bias,
+            f"model.cond_segments={m.cond_segments!r} (a store joined from several sources)": m.cond_segments,
+        }
+        for setting, given in ignored.items():
+            if given:
+                raise ConfigError(
+                    f"{setting} is a setting of the diffusion denoiser; model.kind=autoregressive has none"
+                )
     if (m.freeze_projections or not m.projection_bias) and m.score_interpolation and m.score_head == "separate":
         raise ConfigError(
             "model.freeze_projections and model.projection_bias=false are about the projection back to the "
