@@ -1,4 +1,4 @@
-"""The seed settings of issue 18 that change training: diffusion.loss=vlb and model.freeze_projections."""
+"""Seed-log settings that change training: diffusion.loss=vlb and model.freeze_projections."""
 
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ def test_configs_exist_for_the_seed_experiments():
         "fusion_add",
         "seed_best",
         "diffcap_best",
-        "rounding_weight_0",  # issue 18: the sweep points the seed log names but never measured
+        "rounding_weight_0",  # from here: settings the seed log names but never measured
         "rounding_weight_1e5",
         "objective_xtk30_rounding_0.1",
         "pretrained_body_trainable",
