@@ -111,7 +111,6 @@ def test_results_file_accepts_integer_ids(tmp_path):
     assert read_coco_results(path) == {"42": "a cat"}
 
 
-
 @pytest.mark.parametrize(
     ("predictions", "written"),
     [
@@ -125,6 +124,7 @@ def test_results_file_writes_integer_ids_as_integers(tmp_path, predictions, writ
     write_coco_results(path, predictions)
     assert [e["image_id"] for e in json.loads(path.read_text())] == written
     assert read_coco_results(path) == predictions
+
 
 @pytest.mark.parametrize(
     ("content", "message"),
