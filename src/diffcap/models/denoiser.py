@@ -42,6 +42,16 @@ def build_body(
     """
     from transformers import AutoConfig, AutoModel, BertConfig, BertModel, BlipTextConfig, BlipTextModel
 
+    shape = dict(  # a randomly initialised body of either family: no word table, the model's width
+        vocab_size=1,
+        hidden_size=d_model,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        intermediate_size=4 * d_model,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        max_position_embeddings=max_positions,
+    )
     if body_config is not None:
         config = dict(body_config)
         config = AutoConfig.for_model(config.pop("model_type"), **config)
@@ -58,15 +68,8 @@ def build_body(
         # is_decoder=True config builds the cross-attention layers, and its forward's is_decoder=False
         # (the default) keeps the self-attention bidirectional.
         config = BlipTextConfig(
-            vocab_size=1,
-            hidden_size=d_model,
+            **shape,
             encoder_hidden_size=d_model,
-            num_hidden_layers=n_layers,
-            num_attention_heads=n_heads,
-            intermediate_size=4 * d_model,
-            hidden_dropout_prob=dropout,
-            attention_probs_dropout_prob=dropout,
-            max_position_embeddings=max_positions,
             is_decoder=True,
             bos_token_id=None,
             eos_token_id=None,
@@ -76,17 +79,7 @@ def build_body(
     elif backbone:
         body = AutoModel.from_pretrained(backbone, use_safetensors=True)  # never unpickle downloaded weights
     else:
-        config = BertConfig(
-            vocab_size=1,
-            hidden_size=d_model,
-            num_hidden_layers=n_layers,
-            num_attention_heads=n_heads,
-            intermediate_size=4 * d_model,
-            hidden_dropout_prob=dropout,
-            attention_probs_dropout_prob=dropout,
-            max_position_embeddings=max_positions,
-            type_vocab_size=1,
-        )
+        config = BertConfig(**shape, type_vocab_size=1)
         body = BertModel(config, add_pooling_layer=False)
     # The denoiser feeds vectors, never ids: a 1-row table keeps the checkpoint small, and freezing it
     # leaves no parameter without a gradient (which multi-process DDP rejects).
