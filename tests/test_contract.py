@@ -255,6 +255,7 @@ def test_sharded_store_round_trip(tmp_path):
     items = {f"img{i:02d}": torch.randn(3, 4).half() for i in range(10)}
     write_store(tmp_path / "store", items, {"encoder": "test"}, shard_size=4)
     assert sorted(p.name for p in (tmp_path / "store").iterdir()) == [
+        "ids.npy",
         "index.json",
         "shard-00000.safetensors",
         "shard-00001.safetensors",
@@ -306,7 +307,7 @@ def test_store_folder_without_index_or_with_a_stale_shard(tmp_path):
         FeatureStore.open(tmp_path)
     write_store(tmp_path / "store", {f"i{k}": torch.zeros(2) for k in range(4)}, shard_size=2)
     write_features(tmp_path / "store" / "shard-00001.safetensors", {"i2": torch.zeros(3), "i3": torch.zeros(3)})
-    with pytest.raises(DataError, match=r"holds 2 items of \(3,\).*index says 2 of \(2,\)"):
+    with pytest.raises(DataError, match=r"holds 2 items of \(3,\).*index says 2 items of \(2,\)"):
         FeatureStore.open(tmp_path / "store").get(["i3"])
 
 

@@ -20,7 +20,8 @@ Captions file
 
 Features
     A safetensors file with one tensor per image, named by its image id, or
-    a folder of such files (shards) with an ``index.json``: see
+    a folder of such files (shards) with an ``index.json`` and an id index
+    ``ids.npy``: see
     :mod:`diffcap.data.store`, which reads and writes both, lazily. All
     tensors share one *item shape* and one dtype: a pooled vector ``(D,)``, a
     token grid ``(N, D)``, or raw pixels such as ``(3, 64, 64)`` uint8.
@@ -186,6 +187,6 @@ def write_captions(records: Iterable[CaptionRecord], path: PathLike) -> None:
 
 def check_ids(records: Iterable[CaptionRecord], store: FeatureStore, captions_path: PathLike) -> None:
     """Raise DataError if any captioned image has no features in ``store``."""
-    missing = list(dict.fromkeys(r.image_id for r in records if r.image_id not in store))
+    missing = store.missing([r.image_id for r in records])
     if missing:
         raise DataError(f"{captions_path}: {describe_ids(missing)} have captions but no features in {store.path}")

@@ -83,7 +83,7 @@ def load_split(
         found = sorted({r.split for r in records})
         raise DataError(f"{captions_path}: no captions in split {split!r} (splits present: {found})")
     image_ids = list(dict.fromkeys(r.image_id for r in rows))
-    missing = [i for i in image_ids if i not in store]
+    missing = store.missing(image_ids)
     if missing:
         raise DataError(f"{store.path}: no features for {len(missing)} image(s) of {captions_path}, e.g. {missing[:5]}")
     index = {image_id: i for i, image_id in enumerate(image_ids)}

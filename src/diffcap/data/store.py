@@ -3,26 +3,41 @@
 A store is either
 
 * one safetensors file with one tensor per image, named by its image id (:func:`write_features`), or
-* a folder of such files, ``shard-00000.safetensors``, ..., with ``index.json`` listing the ids each
-  shard holds (id -> shard); ``diffcap prepare`` writes this (:func:`write_store`, :func:`write_index`).
+* a folder of such files, ``shard-00000.safetensors``, ..., with ``index.json`` (the shards, their item
+  counts, the item shape and dtype, the metadata) and ``ids.npy``, the id index: every id's key, sorted,
+  with the shard and row that hold it. ``diffcap prepare`` writes this (:func:`write_store`,
+  :func:`write_index`).
 
-Opening reads the index (or the single file's header), never the items: a store opens in the same
-time at 1,000 items as at 100,000, and a process's memory grows with the batch it reads, not with the
-store. Items are read with ``os.preadv`` straight into their row of the batch tensor. Not
-``safe_open``/``get_slice`` or a memory map: those map the whole file, and every page a process
-touches then counts in its resident memory until the map is dropped, so one epoch over a mapped store
-shows the whole store in every training process (shared page cache, but indistinguishable from a copy
-to a user or a scheduler watching RSS). A read copies from the OS page cache, which all processes on
-the machine share, and keeps nothing mapped. The header this needs (8-byte length, then JSON of
-name -> dtype, shape, byte range) is the documented safetensors format; the files are still written
-by safetensors.
+Opening a folder reads ``index.json`` and maps ``ids.npy`` (a NumPy file of fixed-width records, read
+with ``mmap_mode="r"``): no id list is parsed, so a store opens in the same time at 1,000 items as at
+100,000. An id is found by binary search in the mapped keys, touching a few pages of the file. A shard
+is opened when an item of it is first read, by checking its size and the SHA-256 of its header against
+``index.json``, without parsing the header's id list either. A process's memory thus grows with the
+batch it reads, not with the store; the full id list is built only when :attr:`FeatureStore.ids` is
+asked for (the training path does not ask).
+
+Items are read with ``os.preadv`` straight into their row of the batch tensor. Not
+``safe_open``/``get_slice`` or a memory map of the shards: those map the whole file, and every page a
+process touches then counts in its resident memory until the map is dropped, so one epoch over a mapped
+store shows the whole store in every training process (shared page cache, but indistinguishable from a
+copy to a user or a scheduler watching RSS). A read copies from the OS page cache, which all processes
+on the machine share, and keeps nothing mapped. The id index is the exception: it is a few tens of
+bytes per item, and mapping it is what lets opening skip it. The shard header this needs (8-byte length,
+then JSON of name -> dtype, shape, byte range) is the documented safetensors format; the files are still
+written by safetensors, which stores items of one dtype in name order, so an id's row in its shard is
+its place in the shard's sorted ids.
 
 Checks happen once, when a file is written: :func:`write_features` refuses NaN/inf and mixed shapes,
 and records in the file's metadata (key ``diffcap.checks``) the item count, shape, dtype and a SHA-256
-of the items' bytes. Opening a file trusts that record after a header-only shape check; a file of floating-point
-items without it (another producer's) is scanned for NaN/inf, a chunk at a time, every time it is opened,
-since nothing records that an earlier scan passed; writing it again with :func:`write_features` does.
-:meth:`FeatureStore.verify` (``diffcap check-data``) rescans everything and compares the checksums.
+of the items' bytes; :func:`write_index` refuses an id held by two shards and records the SHA-256 of
+``ids.npy`` and of each shard's header. Opening a file trusts that record after a header-only shape
+check; a file of floating-point items without it (another producer's) is scanned for NaN/inf, a chunk
+at a time, every time it is opened, since nothing records that an earlier scan passed; writing it
+again with :func:`write_features` does. :meth:`FeatureStore.verify` (``diffcap check-data``) rescans
+everything and compares the checksums.
+
+Stores written before the id index (``index.json`` format ``diffcap-feature-shards/1``, which lists
+every id) still open: their index is built in memory from that list, as it is for a single file.
 """
 
 from __future__ import annotations
@@ -32,7 +47,7 @@ import json
 import math
 import os
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,8 +60,13 @@ from .errors import DataError, describe_ids
 
 CHECKS_KEY = "diffcap.checks"
 INDEX_FILE = "index.json"
-INDEX_FORMAT = "diffcap-feature-shards/1"
+ID_INDEX_FILE = "ids.npy"
+INDEX_FORMAT = "diffcap-feature-shards/2"
+_INDEX_FORMAT_LISTING_IDS = "diffcap-feature-shards/1"  # index.json with every id in it
 _SCAN_CHUNK = 1024  # items read at a time when a file is scanned or verified
+# An id is its own key in the id index when its UTF-8 fits in this many bytes; a longer one is keyed by
+# its first 32 bytes and its SHA-256, so one long path does not widen every record of the index.
+KEY_BYTES = 64
 
 _DTYPES = {
     "F64": torch.float64,
@@ -77,6 +97,90 @@ def _shape_problem(first: tuple[str, tuple, torch.dtype], other: tuple[str, tupl
         f"item {other[0]!r} has shape {other[1]} {other[2]} but item {first[0]!r} has shape {first[1]} "
         f"{first[2]}; all items must share one shape and dtype"
     )
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- the id index
+
+
+def _id_key(image_id: str) -> bytes:
+    """An id's key in the id index: its UTF-8, or for an id longer than ``KEY_BYTES``, its first 32 bytes
+    and its SHA-256 (two long ids share a key only if their hashes collide)."""
+    raw = image_id.encode("utf-8", "surrogatepass")  # a lone surrogate (from a JSON escape) matches nothing
+    return raw if len(raw) <= KEY_BYTES else raw[: KEY_BYTES - 32] + hashlib.sha256(raw).digest()
+
+
+def _index_dtype(key_bytes: int) -> np.dtype:
+    """One record per id: its key (NUL-padded), the shard holding it, its row there (its place in the shard's
+    sorted ids). The key comes first so that the mapped ``id`` column is searched in place: NumPy's
+    searchsorted reads a strided, aligned column without copying it (while the ids searched for are
+    fewer than the records)."""
+    return np.dtype([("id", f"S{key_bytes}"), ("shard", "<u4"), ("row", "<u4")])
+
+
+def _keys(ids: list[str], where: object) -> np.ndarray:
+    """The keys of a shard's ids as a NumPy bytes array, refusing ids that no fixed-width key can hold."""
+    keys = [_id_key(i) for i in ids]
+    # NumPy drops trailing NUL bytes, so an id ending in NUL would share the key of the id without it.
+    if bad := [i for i, k in zip(ids, keys) if b"\0" in k]:
+        raise DataError(f"{where}: {describe_ids(bad)} contain a NUL character, which an image id may not")
+    return np.array(keys, dtype=bytes)
+
+
+def _build_id_index(
+    shard_keys: list[np.ndarray], names: list[str], id_at: Callable[[int, int], str], where: object
+) -> np.ndarray:
+    """The sorted id index of the shards ``names`` whose sorted ids have the keys ``shard_keys``; an id in two
+    shards raises, naming it (found with ``id_at(shard, row)``) and both shards."""
+    width = -(-max(keys.dtype.itemsize for keys in shard_keys) // 8) * 8  # whole words: aligned records
+    index = np.empty(sum(map(len, shard_keys)), dtype=_index_dtype(width))
+    start = 0
+    for k, keys in enumerate(shard_keys):
+        part = index[start : start + len(keys)]
+        part["id"], part["shard"], part["row"] = keys, k, np.arange(len(keys))
+        start += len(keys)
+    index = index[np.argsort(index["id"], kind="stable")]
+    repeated = np.flatnonzero(index["id"][1:] == index["id"][:-1])
+    if len(repeated):
+        first, second = index[repeated[0]], index[repeated[0] + 1]
+        a, b = int(first["shard"]), int(second["shard"])
+        more = f" ({len(repeated) - 1} more ids are in more than one shard)" if len(repeated) > 1 else ""
+        raise DataError(
+            f"{where}: id {id_at(a, int(first['row']))!r} is in {names[a]} and in {names[b]}{more}; "
+            "each id must be in one shard"
+        )
+    return index
+
+
+def _map_id_index(path: Path, entry: Mapping) -> np.ndarray:
+    """Map the id index read-only, checking only what costs no scan: the file's size against the one
+    recorded in index.json (``entry``) and against the array its NumPy header describes, and that header."""
+    n = entry["items"]
+    if not path.is_file():
+        raise DataError(f"{path}: the store's id index is missing; write the store again (or its index)")
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        raise DataError(
+            f"{path}: {size} bytes, but {INDEX_FILE} says {entry['bytes']}: the id index is truncated "
+            "or was replaced after the store was written"
+        )
+    try:
+        index = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise DataError(f"{path}: not a readable id index, possibly truncated or corrupt ({exc})") from exc
+    if index.dtype != _index_dtype(entry["key_bytes"]) or index.shape != (n,) or index.offset + index.nbytes != size:
+        raise DataError(
+            f"{path}: holds {index.shape} records of {index.dtype} in {size} bytes, but {INDEX_FILE} says "
+            f"{n} records of {entry['key_bytes']}-byte keys; the id index was replaced after the store was written"
+        )
+    return index
 
 
 # ---------------------------------------------------------------- writing
@@ -156,29 +260,51 @@ def write_features(
 
 
 def write_index(folder: PathLike, files: list[Path], metadata: Mapping[str, str] | None = None) -> Path:
-    """Write ``folder/index.json`` for the shard ``files`` (in that order), read from their headers only."""
+    """Write ``folder/ids.npy`` and then ``folder/index.json`` for the shard ``files`` (in that order), read
+    from their headers only. An id in two shards is refused, naming it and the two files."""
     folder = Path(folder)
-    shards, first, seen = [], None, set()
+    if not files:
+        raise DataError(f"{folder}: no shards to index")
+    shards, keys, first = [], [], None
     for path in files:
         shard = ShardFile(path)
         this = (shard.ids[0], shard.item_shape, shard.dtype)
         if first is not None and this[1:] != first[1:]:
             raise DataError(f"{folder}: {path.name}: {_shape_problem(first, this)}")
         first = first or this
-        if dupes := [i for i in shard.ids if i in seen]:
-            raise DataError(f"{folder}: {path.name} repeats {describe_ids(dupes)} of an earlier shard")
-        seen.update(shard.ids)
-        shards.append({"file": path.relative_to(folder).as_posix(), "ids": shard.ids})
-    if first is None:
-        raise DataError(f"{folder}: no shards to index")
-    index = {
-        "format": INDEX_FORMAT,
-        "item_shape": list(first[1]),
-        "dtype": _DTYPE_NAMES[first[2]],
-        "metadata": dict(metadata or {}),
-        "shards": shards,
+        if not shard.in_id_order:
+            raise DataError(f"{path}: its items are not stored in id order, as safetensors writes them; rewrite it")
+        keys.append(_keys(shard.ids, path))
+        shards.append(
+            {
+                "file": path.relative_to(folder).as_posix(),
+                "items": shard.n,
+                "header_bytes": shard.data_start,
+                "header_sha256": shard.header_sha256,
+            }
+        )
+    names = [path.name for path in files]
+    index = _build_id_index(keys, names, lambda k, row: ShardFile(files[k], check=False).ids[row], folder)
+    with atomic_output(folder / ID_INDEX_FILE) as tmp, tmp.open("wb") as f:
+        np.save(f, index, allow_pickle=False)
+    index_entry = {
+        "file": ID_INDEX_FILE,
+        "key_bytes": index.dtype["id"].itemsize,
+        "bytes": (folder / ID_INDEX_FILE).stat().st_size,
+        "sha256": _file_sha256(folder / ID_INDEX_FILE),
     }
-    write_json(folder / INDEX_FILE, index)
+    write_json(
+        folder / INDEX_FILE,
+        {
+            "format": INDEX_FORMAT,
+            "item_shape": list(first[1]),
+            "dtype": _DTYPE_NAMES[first[2]],
+            "metadata": dict(metadata or {}),
+            "items": len(index),
+            "id_index": index_entry,
+            "shards": shards,
+        },
+    )
     return folder / INDEX_FILE
 
 
@@ -207,35 +333,44 @@ def write_store(
 # ---------------------------------------------------------------- reading
 
 
-def _read_header(path: Path) -> tuple[int, int, list[tuple], dict[str, str], dict | None]:
-    """(file size, where the data starts, sorted (id, dtype, shape, begin, end) entries, metadata, record)."""
+def _read_header(path: Path) -> tuple[int, int, str, list[tuple], dict[str, str], dict | None]:
+    """(file size, where the data starts, SHA-256 of the header, sorted (id, dtype, shape, begin, end)
+    entries, metadata, record of checks)."""
     try:
         size = path.stat().st_size
         with path.open("rb") as f:
-            n = int.from_bytes(f.read(8), "little")
+            prefix = f.read(8)
+            n = int.from_bytes(prefix, "little")
             if not 2 <= n <= size - 8:
                 raise ValueError(f"header length {n} does not fit the file's {size} bytes")
-            header = json.loads(f.read(n))
+            raw = f.read(n)
+        header = json.loads(raw)
         metadata = dict(header.pop("__metadata__", None) or {})
         entries = sorted((key, _DTYPES[e["dtype"]], tuple(e["shape"]), *e["data_offsets"]) for key, e in header.items())
         record = metadata.pop(CHECKS_KEY, None)
-        return size, 8 + n, entries, metadata, json.loads(record) if record else None
+        digest = hashlib.sha256(prefix + raw).hexdigest()
+        return size, 8 + n, digest, entries, metadata, json.loads(record) if record else None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{path}: not a readable safetensors file, possibly truncated or corrupt ({exc!r})") from exc
 
 
+def _describe(n: int, shape: tuple, dtype: torch.dtype) -> str:
+    return f"{n} items of {shape} {dtype}"
+
+
 class ShardFile:
-    """One safetensors file of a store: its header parsed, its checks done, its items read on demand."""
+    """One safetensors file of a store, its items read by row: the row of an id is its place in the file's
+    sorted ids. Constructed, it parses the header (every id) and checks it; :meth:`indexed` opens a
+    shard of a store as its index describes it, without parsing."""
 
     def __init__(self, path: Path, *, check: bool = True):
-        self.path = path
-        size, start, entries, self.metadata, self.record = _read_header(path)
+        size, start, self.header_sha256, entries, self.metadata, self.record = _read_header(path)
         if not entries:
             raise DataError(f"{path}: contains no features")
-        first_id, self.dtype, self.item_shape = entries[0][0], entries[0][1], entries[0][2]
-        self.item_nbytes = math.prod(self.item_shape) * self.dtype.itemsize
+        first_id, dtype, item_shape = entries[0][0], entries[0][1], entries[0][2]
+        self._setup(path, len(entries), item_shape, dtype, start)
+        self.ids: list[str] | None = [entry[0] for entry in entries]
         end = start
-        self.offsets: dict[str, int] = {}
         for key, dtype, shape, begin, stop in entries:
             if (dtype, shape) != (self.dtype, self.item_shape):
                 raise DataError(
@@ -243,24 +378,57 @@ class ShardFile:
                 )
             if stop - begin != self.item_nbytes:
                 raise DataError(f"{path}: not a readable safetensors file: item {key!r} has a wrong byte range")
-            self.offsets[key] = start + begin
             end = max(end, start + stop)
         if end != size:
             raise DataError(
                 f"{path}: not a readable safetensors file, possibly truncated ({size} bytes, header says {end})"
             )
-        self._open()
+        begins = np.array([entry[3] for entry in entries], dtype=np.int64)
+        self.in_id_order = bool((begins == np.arange(self.n) * self.item_nbytes).all())
+        if not self.in_id_order:  # another writer's layout: every item's place is kept
+            self._offsets = start + begins
         if not check:
             return
         if self.record is None:
             if self.dtype.is_floating_point:
                 self.verify()  # another producer's file: checked at every open (integer pixels cannot be NaN)
         elif (self.record.get("n"), tuple(self.record.get("item_shape", ())), self.record.get("dtype")) != (
-            len(self.offsets),
+            self.n,
             self.item_shape,
             _DTYPE_NAMES[self.dtype],
         ):
             raise DataError(f"{path}: its items differ from the record of its checks; the file changed after writing")
+
+    def _setup(self, path: Path, n: int, item_shape: tuple, dtype: torch.dtype, data_start: int) -> None:
+        self.path, self.n, self.item_shape, self.dtype, self.data_start = path, n, item_shape, dtype, data_start
+        self.item_nbytes = math.prod(item_shape) * dtype.itemsize
+        self.in_id_order, self._offsets = True, None
+        self._open()
+
+    @classmethod
+    def indexed(cls, path: Path, entry: Mapping, item_shape: tuple, dtype: torch.dtype) -> ShardFile:
+        """Open a shard as ``index.json`` describes it (``entry``): its size and the SHA-256 of its header
+        must be those recorded when the index was written, so the index's rows are its rows."""
+        if not path.is_file():
+            raise DataError(f"{path.parent}: shard {path.name} is missing")
+        shard = cls.__new__(cls)
+        shard._setup(path, entry["items"], item_shape, dtype, entry["header_bytes"])
+        shard.ids, shard.metadata, shard.record, shard.header_sha256 = None, {}, None, entry["header_sha256"]
+        size = os.fstat(shard._fd).st_size
+        header = os.pread(shard._fd, shard.data_start, 0)
+        intact = hashlib.sha256(header).hexdigest() == entry["header_sha256"]
+        if intact and size == shard.data_start + shard.n * shard.item_nbytes:
+            return shard
+        found = cls(path, check=False)  # what differs, for the message (a damaged file raises here)
+        if (found.n, found.item_shape, found.dtype) != (shard.n, item_shape, dtype):
+            raise DataError(
+                f"{path}: holds {_describe(found.n, found.item_shape, found.dtype)}, but the index says "
+                f"{_describe(shard.n, item_shape, dtype)}; the shard changed after the index was written"
+            )
+        raise DataError(
+            f"{path}: its header differs from the one the index was written for (other ids, or another layout); "
+            "the shard changed after the index was written"
+        )
 
     def _open(self) -> None:
         self._fd = os.open(self.path, os.O_RDONLY)
@@ -274,23 +442,21 @@ class ShardFile:
         self.__dict__.update(state)
         self._open()
 
-    @property
-    def ids(self) -> list[str]:
-        return list(self.offsets)
-
-    def read_into(self, image_id: str, row: np.ndarray) -> None:
-        """Copy one item's bytes into ``row`` (a writable byte view of its place in a batch)."""
-        if os.preadv(self._fd, [row], self.offsets[image_id]) != self.item_nbytes:
-            raise DataError(f"{self.path}: short read of {image_id!r}; the file changed after it was opened")
+    def read_into(self, row: int, out: np.ndarray) -> None:
+        """Copy the item at ``row`` into ``out`` (a writable byte view of its place in a batch)."""
+        if not 0 <= row < self.n:
+            raise DataError(f"{self.path}: has no row {row}, it holds {self.n} items; the id index is damaged")
+        offset = self.data_start + row * self.item_nbytes if self._offsets is None else int(self._offsets[row])
+        if os.preadv(self._fd, [out], offset) != self.item_nbytes:
+            raise DataError(f"{self.path}: short read of row {row}; the file changed after it was opened")
 
     def chunks(self) -> Iterator[tuple[list[str], torch.Tensor]]:
-        """Every item in id order, ``_SCAN_CHUNK`` at a time."""
-        ids = self.ids
-        for start in range(0, len(ids), _SCAN_CHUNK):
-            part = ids[start : start + _SCAN_CHUNK]
+        """Every item in id order, ``_SCAN_CHUNK`` at a time (of a parsed file)."""
+        for start in range(0, self.n, _SCAN_CHUNK):
+            part = self.ids[start : start + _SCAN_CHUNK]
             out = torch.empty((len(part), *self.item_shape), dtype=self.dtype)
-            for image_id, row in zip(part, _rows(out)):
-                self.read_into(image_id, row)
+            for row, buffer in enumerate(_rows(out), start):
+                self.read_into(row, buffer)
             yield part, out
 
     def verify(self) -> None:
@@ -332,16 +498,25 @@ class FeatureStore:
     Open with :meth:`open`. ``ids`` are in store order: sorted within each shard, shards in index order.
     """
 
-    def __init__(self, path: Path, files: list[Path], index: list[list[str]], spec: tuple, metadata: dict[str, str]):
+    def __init__(
+        self,
+        path: Path,
+        shards: list[dict],
+        spec: tuple,
+        metadata: dict[str, str],
+        index: np.ndarray,
+        *,
+        ids: list[str] | None = None,
+        index_entry: dict | None = None,
+    ):
         self.path = path
         self.metadata = metadata
         self.item_shape: tuple[int, ...] = spec[0]
         self.dtype: torch.dtype = spec[1]
-        self._files = files
-        self._where = {image_id: k for k, ids in enumerate(index) for image_id in ids}
-        if len(self._where) != sum(map(len, index)):
-            raise DataError(f"{path}: the index lists some ids in more than one shard")
-        self._counts = [len(ids) for ids in index]
+        self._shards = shards  # file (a Path), items and, from an index with the id index, the header's size and hash
+        self._index = index
+        self._index_entry = index_entry  # the id index's record in index.json when it is mapped from ids.npy
+        self._ids = ids  # every id in store order, once known
         self._opened: dict[int, ShardFile] = {}
 
     @classmethod
@@ -353,7 +528,9 @@ class FeatureStore:
         if not path.is_file():
             raise DataError(f"{path}: features file not found")
         shard = ShardFile(path)
-        store = cls(path, [path], [shard.ids], (shard.item_shape, shard.dtype), shard.metadata)
+        index = _build_id_index([_keys(shard.ids, path)], [path.name], lambda k, row: shard.ids[row], path)
+        spec = (shard.item_shape, shard.dtype)
+        store = cls(path, [{"file": path, "items": shard.n}], spec, shard.metadata, index, ids=shard.ids)
         store._opened[0] = shard
         return store
 
@@ -366,29 +543,84 @@ class FeatureStore:
             )
         try:
             index = json.loads(index_path.read_text())
-            if index.get("format") != INDEX_FORMAT:
+            if index.get("format") not in (INDEX_FORMAT, _INDEX_FORMAT_LISTING_IDS):
                 raise ValueError(f"format {index.get('format')!r}, expected {INDEX_FORMAT!r}")
             spec = (tuple(index["item_shape"]), _DTYPES[index["dtype"]])
-            files = [folder / s["file"] for s in index["shards"]]
-            ids = [list(s["ids"]) for s in index["shards"]]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            metadata = dict(index.get("metadata") or {})
+            shards = [dict(s, file=folder / s["file"]) for s in index["shards"]]
+            if index["format"] == _INDEX_FORMAT_LISTING_IDS:
+                listed = [list(s.pop("ids")) for s in shards]
+                for s, ids in zip(shards, listed):
+                    s["items"] = len(ids)
+            else:
+                entry = dict(index["id_index"], items=int(index["items"]))
+                if entry["items"] != sum(int(s["items"]) for s in shards):
+                    raise ValueError(f"{entry['items']} items, but its shards add up to another count")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise DataError(f"{index_path}: not a readable store index ({exc!r})") from exc
-        if not files or not any(ids):
+        if not shards or not any(s["items"] for s in shards):
             raise DataError(f"{folder}: contains no features")
-        return cls(folder, files, ids, spec, dict(index.get("metadata") or {}))
+        if index["format"] == _INDEX_FORMAT_LISTING_IDS:  # written before ids.npy: the index is built here
+            keys = [_keys(ids, index_path) for ids in listed]
+            names = [s["file"].name for s in shards]
+            ids_index = _build_id_index(keys, names, lambda k, row: listed[k][row], index_path)
+            return cls(folder, shards, spec, metadata, ids_index, ids=[i for part in listed for i in part])
+        ids_index = _map_id_index(folder / entry["file"], entry)
+        return cls(folder, shards, spec, metadata, ids_index, index_entry=entry)
+
+    # The mapped id index goes to spawned DataLoader workers as its file, not its bytes: mapped again there.
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        if self._index_entry is not None:
+            state["_index"], state["_ids"] = None, None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self._index is None:
+            self._index = _map_id_index(self.path / self._index_entry["file"], self._index_entry)
 
     def _shard(self, k: int) -> ShardFile:
         shard = self._opened.get(k)
-        if shard is None:
-            if not self._files[k].is_file():
-                raise DataError(f"{self.path}: shard {self._files[k].name} is missing")
-            shard = ShardFile(self._files[k])
-            if (shard.item_shape, shard.dtype) != (self.item_shape, self.dtype) or len(shard.ids) != self._counts[k]:
+        if shard is not None:
+            return shard
+        entry = self._shards[k]
+        if "header_sha256" in entry:
+            shard = ShardFile.indexed(entry["file"], entry, self.item_shape, self.dtype)
+        else:  # a store indexed before headers were recorded: parse the shard, compare with the index
+            if not entry["file"].is_file():
+                raise DataError(f"{self.path}: shard {entry['file'].name} is missing")
+            shard = ShardFile(entry["file"])
+            if (shard.n, shard.item_shape, shard.dtype) != (entry["items"], self.item_shape, self.dtype):
                 raise DataError(
-                    f"{shard.path}: holds {len(shard.ids)} items of {shard.item_shape} {shard.dtype}, "
-                    f"but the index says {self._counts[k]} of {self.item_shape} {self.dtype}"
+                    f"{shard.path}: holds {_describe(shard.n, shard.item_shape, shard.dtype)}, but the index says "
+                    f"{_describe(entry['items'], self.item_shape, self.dtype)}"
                 )
-            self._opened[k] = shard
+        self._opened[k] = shard
+        return shard
+
+    def _locate(self, ids: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(shard, row, found) for each of ``ids``, by binary search in the sorted keys."""
+        key_dtype = self._index.dtype["id"]
+        keys = [_id_key(i) for i in ids]
+        usable = np.array([len(k) <= key_dtype.itemsize and b"\0" not in k for k in keys], dtype=bool)
+        needles = np.array([k if ok else b"" for k, ok in zip(keys, usable)], dtype=key_dtype)
+        at = np.minimum(np.searchsorted(self._index["id"], needles), len(self._index) - 1)
+        hits = self._index[at]
+        found = usable & (hits["id"] == needles)
+        return hits["shard"].astype(np.int64), hits["row"].astype(np.int64), found
+
+    def _parse_shard(self, k: int) -> ShardFile:
+        """Shard k with its header parsed (every id), as the index recorded it."""
+        entry = self._shards[k]
+        if not entry["file"].is_file():
+            raise DataError(f"{self.path}: shard {entry['file'].name} is missing")
+        shard = ShardFile(entry["file"], check=False)
+        if shard.n != entry["items"] or shard.header_sha256 != entry.get("header_sha256", shard.header_sha256):
+            raise DataError(
+                f"{shard.path}: differs from the shard the index was written for (it holds {shard.n} items, "
+                f"the index says {entry['items']}, or its header changed)"
+            )
         return shard
 
     @property
@@ -397,13 +629,22 @@ class FeatureStore:
 
     @property
     def ids(self) -> list[str]:
-        return list(self._where)
+        """Every id, in store order. A store with an id index lists them only when asked, from its shards'
+        headers (parsing each one); reading items never needs the list."""
+        if self._ids is None:
+            self._ids = [i for k in range(len(self._shards)) for i in self._parse_shard(k).ids]
+        return list(self._ids)
+
+    def missing(self, ids: list[str]) -> list[str]:
+        """Those of ``ids`` that the store has no item for, each once, in order (one search for all)."""
+        unique = list(dict.fromkeys(ids))
+        return [i for i, ok in zip(unique, self._locate(unique)[2]) if not ok]
 
     def __len__(self) -> int:
-        return len(self._where)
+        return len(self._index)
 
     def __contains__(self, image_id: object) -> bool:
-        return image_id in self._where
+        return isinstance(image_id, str) and bool(self._locate([image_id])[2][0])
 
     def __repr__(self) -> str:
         return f"FeatureStore({str(self.path)!r}, n={len(self)}, item_shape={self.item_shape}, dtype={self.dtype})"
@@ -412,17 +653,14 @@ class FeatureStore:
         """Read the features of ``ids`` into a new tensor of shape ``(len(ids), *item_shape)``."""
         if isinstance(ids, str):
             raise TypeError("FeatureStore.get takes a list of ids, not a single string")
-        missing = [i for i in dict.fromkeys(ids) if i not in self._where]
-        if missing:
+        shards, rows, found = self._locate(ids)
+        if not found.all():
+            missing = list(dict.fromkeys(i for i, ok in zip(ids, found) if not ok))
             raise DataError(f"{self.path}: no features for {describe_ids(missing)}")
         out = torch.empty((len(ids), *self.item_shape), dtype=self.dtype)
-        if not ids:
-            return out
-        for image_id, row in zip(ids, _rows(out)):
-            shard = self._shard(self._where[image_id])
-            if image_id not in shard.offsets:
-                raise DataError(f"{shard.path}: has no item {image_id!r}, which the index puts there")
-            shard.read_into(image_id, row)
+        if len(ids):
+            for k, row, buffer in zip(shards.tolist(), rows.tolist(), _rows(out)):
+                self._shard(k).read_into(row, buffer)
         return out
 
     def all(self) -> dict[str, torch.Tensor]:
@@ -431,17 +669,18 @@ class FeatureStore:
         return dict(zip(ids, self.get(ids)))
 
     def verify(self) -> dict:
-        """Rescan every item: finite values, checksums against the records, the index against the shards."""
-        listed: list[list[str]] = [[] for _ in self._files]
-        for image_id, k in self._where.items():
-            listed[k].append(image_id)
+        """Rescan everything: the id index against its checksum and the shards' ids, every item's values
+        (finite) and checksum against the record written with it."""
+        if self._index_entry is not None:
+            index_file = self.path / self._index_entry["file"]
+            if _file_sha256(index_file) != self._index_entry["sha256"]:
+                raise DataError(f"{index_file}: checksum mismatch: the id index changed after the store was written")
         checked = 0
-        for path, expected in zip(self._files, listed):
-            if not path.is_file():
-                raise DataError(f"{self.path}: shard {path.name} is missing")
-            shard = ShardFile(path, check=False)
-            if sorted(expected) != shard.ids:
-                raise DataError(f"{path}: its ids differ from those the index lists for it")
+        for k in range(len(self._shards)):
+            shard = self._parse_shard(k)
+            shards, rows, found = self._locate(shard.ids)
+            if not (found.all() and (shards == k).all() and (rows == np.arange(shard.n)).all()):
+                raise DataError(f"{shard.path}: its ids differ from those the index lists for it")
             shard.verify()
             checked += shard.record is not None
-        return {"path": str(self.path), "items": len(self), "shards": len(self._files), "with_checksum": checked}
+        return {"path": str(self.path), "items": len(self), "shards": len(self._shards), "with_checksum": checked}

@@ -60,7 +60,8 @@ def load_training_data(cfg: Config) -> TrainingData:
     check_ids(records, store, cfg.data.captions)
     check_splits_apart(records, cfg.data.train_split, cfg.data.captions)
     captioned = {r.image_id for r in records}
-    if unused := [i for i in store.ids if i not in captioned]:
+    # check_ids found every captioned id in the store, so only a larger store lists its ids to name the rest.
+    if len(store) > len(captioned) and (unused := [i for i in store.ids if i not in captioned]):
         log.warning(
             "%s: %s have features but no captions in %s; they are not used",
             store.path,
