@@ -9,7 +9,8 @@ The stores are synthetic, in the contract's sharded format (data/store.py, 4096 
 grid); 100k patch items take 7.7 GB of disk. Each image has one caption of random words. Every
 measurement runs in a process of its own, so its peak RSS is its own:
 
-* ``open_s``: ``FeatureStore.open`` of the store (the OS page cache is warm: the store was just written);
+* ``open_s``: ``FeatureStore.open`` of the store (the OS page cache is warm: the store was just written),
+  and ``id_index_mb``, the size of its id index ``ids.npy``;
 * ``first_batch_s``: captions read, store opened, tokenizer built, captions tokenized, first batch out
   of the training DataLoader (``load_training_data`` + ``CaptionPairs``, as the trainer does), and
   ``load_data_s``, the part before the loader (mostly the captions: one caption per item here);
@@ -132,6 +133,7 @@ def measure_store(root: Path, steps: int) -> dict:
         opens.append(time.perf_counter() - start)
     out = {"items": len(store), "store_mb": sum(p.stat().st_size for p in (root / "features").iterdir()) / 2**20}
     out["open_s"], out["rss_after_open_mb"] = statistics.median(opens), peak_rss_mb()
+    out["id_index_mb"] = (root / "features" / "ids.npy").stat().st_size / 2**20
     cfg = small_config(root, steps)
     start = time.perf_counter()
     data = load_training_data(cfg)
