@@ -64,6 +64,7 @@ def main(argv=None) -> list[dict]:
             "sampler": overrides,
             **{k: metrics[k] for k in ("CIDEr", "BLEU-4", "METEOR", "ROUGE_L")},
             "n_images": len(texts),
+            "mean_words": sum(len(text.split()) for text in texts) / max(len(texts), 1),
             "captioning_s": seconds,
             "samples": texts[:3],
         }

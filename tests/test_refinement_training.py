@@ -248,3 +248,74 @@ def test_losses_at_given_timesteps_are_plain_denoising(feature_data, tmp_path):
     feats = FeatureStore.open(feature_data / "features.safetensors").get(["img0", "img1"])
     model.diffusion.training_losses(model, ids, feats, t=torch.tensor([3, 7]))
     assert all(t.tolist() == [3, 7] for t in seen)
+
+
+def test_length_candidates_are_the_likeliest_lengths_under_independent_pad_probabilities():
+    from diffcap.diffusion.sampler import length_candidates
+
+    p_pad = torch.tensor([[0.1, 0.2, 0.6, 0.9], [0.1, 0.9, 0.9, 0.9]])
+    layouts = length_candidates(p_pad, 2).view(2, 2, 4)
+    # caption 0: length 2 scores .9*.8*.6*.9, length 3 .9*.8*.4*.9, length 4 .9*.8*.4*.1, length 1 .9*.2*.6*.9
+    assert layouts[0].sum(1).tolist() == [2, 3]
+    assert layouts[1].sum(1).tolist() == [1, 2]
+    assert (layouts[..., 0]).all() and layouts[0, 0].tolist() == [True, True, False, False]
+
+
+class _TableOracle(torch.nn.Module):
+    """Predicts fixed word probabilities per position ([L x A] over the allowed rows), whatever it is given."""
+
+    def __init__(self, embedding, table):
+        super().__init__()
+        self.embedding, self.table = embedding, table
+        self.cfg = Config().model
+        self.cfg.self_condition = False
+        self.batches = []
+
+    def encode_condition(self, features):
+        return features[:, None, :]
+
+    def forward(self, x_t, t, cond, self_cond=None, drop_cond=None, return_logits=False):
+        self.batches.append(x_t.shape[0])
+        logits = self.table.log().expand(x_t.shape[0], -1, -1)
+        out = self.table @ self.embedding.allowed_rows()[1]
+        return (out.expand(x_t.shape[0], -1, -1), logits) if return_logits else out
+
+
+@pytest.mark.parametrize("clamp", [True, False])
+def test_length_beam_keeps_the_candidate_the_model_is_surest_of(clamp):
+    """Position 2 is likelier PAD (0.55) than word 7 (0.45), so one length ends the caption there; but
+    the two-word caption's mean log confidence (log .1 + log .99) / 2 = -1.16 is below the three-word
+    one's (log .1 + log .99 + log .45) / 3 = -1.04, so a length beam of 2 keeps three words."""
+    from diffcap.config import SamplerConfig
+    from diffcap.diffusion.sampler import Sampler
+    from diffcap.models.embedding import TokenEmbedding
+
+    emb = TokenEmbedding(vocab_size=12, dim=16)
+    ids = emb.allowed_rows()[0].tolist()
+    table = torch.full((4, len(ids)), 1e-4)
+    table[0] = 0.9 / (len(ids) - 1)  # an unsure first word (5 at 0.1, every other row just under)
+    for position, word, p in [(0, 5, 0.1), (1, 6, 0.99), (2, 7, 0.45), (2, 0, 0.55), (3, 0, 0.99)]:
+        table[position, ids.index(word)] = p
+    table = table / table.sum(1, keepdim=True)
+    if clamp:  # nearest-embedding rounding needs the expected embedding to sit at the likeliest row
+        emb.weight.data = torch.eye(12, 16) * 10
+    diffusion = GaussianDiffusion(DiffusionConfig(schedule="linear", num_timesteps=50))
+    results = {}
+    for beam in (1, 2):
+        model = _TableOracle(emb, table)
+        cfg = SamplerConfig(method="mask_predict", steps=2, clamp=clamp, length_beam=beam)
+        sampler = Sampler(model, diffusion, cfg, seq_len=4)
+        out = sampler.sample(torch.zeros(3, 2), torch.Generator().manual_seed(0), trajectory=True)
+        results[beam] = out.ids.tolist()
+        assert model.batches == [3, 3 * beam] and [step.shape[0] for _, step in out.trajectory] == [3, 3]
+    assert results[1] == [[5, 6, 0, 0]] * 3
+    assert results[2] == [[5, 6, 7, 0]] * 3
+
+
+def test_length_beam_needs_mask_predict():
+    cfg = Config()
+    cfg.sampler.length_beam = 3
+    with pytest.raises(ConfigError, match="length_beam > 1 needs sampler.method=mask_predict"):
+        validate(cfg)
+    cfg.sampler.method = "mask_predict"
+    validate(cfg)

@@ -162,6 +162,10 @@ class SamplerConfig:
     # n positions and in the rest (length prediction as in non-autoregressive decoding, Gu et al. 2018,
     # arXiv 1711.02281, read here off the denoiser's own first estimate instead of a separate head).
     length: str = "free"
+    # Mask-predict only: decode this many candidate lengths per caption in parallel, the likeliest under
+    # the first step's PAD probabilities, and keep the one whose words the model is surest of (mean log
+    # probability): the "length beam" of Mask-Predict (Ghazvininejad et al. 2019, arXiv 1904.09324).
+    length_beam: int = 1
     seed: int = 0
     beam_size: int = field(default=1, metadata={"flag": "--beam"})  # autoregressive model: 1 = greedy
     # Matmuls in bfloat16 (torch.autocast) while captioning, for both model kinds: on CPUs with bf16
@@ -329,6 +333,10 @@ def validate_sampler(sampler: SamplerConfig, num_timesteps: int) -> None:
         raise ConfigError(f"sampler.time_offset must be >= 0, got {sampler.time_offset}")
     if sampler.classifier_scale < 0:
         raise ConfigError("sampler.classifier_scale must be >= 0 (0 = no classifier guidance)")
+    if sampler.length_beam < 1:
+        raise ConfigError(f"sampler.length_beam must be >= 1, got {sampler.length_beam}")
+    if sampler.length_beam > 1 and sampler.method != "mask_predict":
+        raise ConfigError(f"sampler.length_beam > 1 needs sampler.method=mask_predict, got {sampler.method!r}")
     if sampler.method == "mask_predict" and (sampler.classifier_scale > 0 or sampler.length != "free"):
         raise ConfigError(
             "sampler.method=mask_predict fixes the length at its first step and steers no classifier: it needs "

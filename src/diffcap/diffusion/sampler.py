@@ -156,6 +156,10 @@ class Sampler:
         estimate, as the DDIM sampler rounds (with score interpolation x0 is the expected embedding, whose
         nearest word can differ from the likeliest); without it the argmax of the rounding logits. Its
         confidence is its probability under the logits.
+
+        With ``length_beam = b > 1`` step 1 fixes b layouts per caption instead of one, the b likeliest
+        lengths under its PAD probabilities (:func:`length_candidates`); the later steps refine all of them
+        in one batch, and each caption keeps the candidate with the highest mean log confidence.
         """
         emb = self.model.embedding
         batch, device = cond.shape[0], cond.device
@@ -169,18 +173,27 @@ class Sampler:
         self_cond = torch.zeros_like(x) if self.model.cfg.self_condition else None
         traj: list[tuple[int, torch.Tensor]] = []
         words = confidence = content = None
+        beam = min(self.cfg.length_beam, seq_len)
         for k in range(steps):
             x0, logits = self._x0(x, t, cond, self_cond, want_logits=True)
             if self_cond is not None:
                 self_cond = x0
             probs = logits.float().softmax(dim=-1)
+            if k == 0 and beam > 1:  # every caption becomes `beam` candidates, one per likely length
+                content = length_candidates(probs[..., pad_column], beam)
+                x0, probs, cond, renoised = (z.repeat_interleave(beam, dim=0) for z in (x0, probs, cond, renoised))
+                self_cond = None if self_cond is None else self_cond.repeat_interleave(beam, dim=0)
             if content is not None:
                 probs[..., pad_column] = 0  # the length is fixed: a word position stays a word
-            best = emb.nearest_index(x0, content, self.pad_id) if self.cfg.clamp else probs.argmax(dim=-1)
+            if self.cfg.clamp:
+                best = emb.nearest_index(x0, content, self.pad_id)
+            else:
+                best = probs.argmax(dim=-1)
+                best = best if content is None else best.masked_fill(~content, int(pad_column))
             prob = probs.gather(2, best[..., None])[..., 0]
             if words is None:
                 words, confidence = best, prob
-                content = words != pad_column
+                content = words != pad_column if content is None else content
             else:
                 words, confidence = torch.where(renoised, best, words), torch.where(renoised, prob, confidence)
             if want_trajectory:
@@ -194,7 +207,27 @@ class Sampler:
             eps = torch.randn(clean.shape, generator=generator, device=device)
             x = torch.where(renoised[..., None], a_top * clean + s_top * eps, clean)
             t = torch.where(renoised, top, 0)
+        if beam > 1:
+            score = (confidence.clamp_min(1e-12).log() * content).sum(dim=1) / content.sum(dim=1).clamp(min=1)
+            keep = score.view(-1, beam).argmax(dim=1) + torch.arange(0, len(score), beam, device=device)
+            words, traj = words[keep], [(step_t, step_ids[keep.cpu()]) for step_t, step_ids in traj]
         return SampleOutput(ids=ids[words], trajectory=traj)
+
+
+def length_candidates(p_pad: torch.Tensor, beam: int) -> torch.Tensor:
+    """[B x L] P(PAD) per position -> layouts [B*beam x L] of each caption's ``beam`` likeliest lengths.
+
+    Length n (1..L) scores sum_{i<n} log(1 - P_i(PAD)) + sum_{i>=n} log P_i(PAD): the positions taken as
+    independent, as the rounding head predicts them. Candidates of one caption are adjacent rows, the
+    likeliest first.
+    """
+    p = p_pad.float().clamp(1e-6, 1 - 1e-6)
+    word_before = (1 - p).log().cumsum(dim=1)  # column n-1: sum over i < n
+    pad_from = p.log().flip(1).cumsum(dim=1).flip(1)  # column i: sum over j >= i
+    pad_after = torch.cat([pad_from[:, 1:], torch.zeros_like(pad_from[:, :1])], dim=1)  # column n-1: j >= n
+    lengths = (word_before + pad_after).topk(beam, dim=1).indices + 1  # [B x beam]
+    positions = torch.arange(p.shape[1], device=p.device)
+    return (positions[None, None] < lengths[..., None]).reshape(-1, p.shape[1])
 
 
 def expected_length_layout(logits: torch.Tensor, pad_column: torch.Tensor) -> torch.Tensor:
