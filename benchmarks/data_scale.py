@@ -44,7 +44,8 @@ import torch
 
 from diffcap.config import Config
 from diffcap.data.contract import CaptionRecord, FeatureStore, write_captions
-from diffcap.data.store import shard_name, write_features, write_index
+from diffcap.data.shard_file import write_features
+from diffcap.data.store import shard_name, write_index
 
 SHAPES = {"pooled": ((512,), torch.float32), "patch": ((50, 768), torch.float16)}
 SHARD = 4096

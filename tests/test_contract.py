@@ -213,7 +213,7 @@ def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
             f.write(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("diffcap.data.store.save_file", interrupted)
+    monkeypatch.setattr("diffcap.data.shard_file.save_file", interrupted)
     with pytest.raises(KeyboardInterrupt):
         write_features(path, {"a": torch.zeros(2)})
     assert path.read_bytes() == before

@@ -48,7 +48,8 @@ from typing import IO, Any
 
 from ..io import PathLike, atomic_output
 from .errors import DataError, describe_ids
-from .store import FeatureSpec, FeatureStore, write_features
+from .shard_file import write_features
+from .store import FeatureSpec, FeatureStore
 
 __all__ = [
     "CaptionRecord",
@@ -182,7 +183,7 @@ def write_captions(records: Iterable[CaptionRecord], path: PathLike) -> None:
             writer.writerows((r.image_id, r.caption, r.split) for r in checked)
 
 
-# ---------------------------------------------------------------- features (read and written in store.py)
+# ------------------------------------------------------------- features (read and written in store.py, shard_file.py)
 
 
 def check_ids(records: Iterable[CaptionRecord], store: FeatureStore, captions_path: PathLike) -> None:

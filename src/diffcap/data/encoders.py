@@ -31,7 +31,9 @@ from tqdm.auto import tqdm
 from ..io import atomic_output, write_json
 from .errors import DataError, describe_ids
 from .images import ImageError, load_image
-from .store import INDEX_FILE, ShardFile, shard_name, write_features, write_index
+from .shard_file import ShardFile, write_features
+from .store import shard_name, write_index
+from .store_index import INDEX_FILE
 
 log = logging.getLogger(__name__)
 

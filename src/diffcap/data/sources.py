@@ -18,7 +18,9 @@ import torch
 
 from ..io import PathLike
 from .errors import DataError, describe_ids
-from .store import INDEX_FILE, FeatureStore, shard_name, write_features, write_index
+from .shard_file import write_features
+from .store import FeatureStore, shard_name, write_index
+from .store_index import INDEX_FILE
 
 SEGMENTS_KEY = "segments"
 
