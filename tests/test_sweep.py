@@ -78,6 +78,27 @@ def test_seed_experiments_sweep_file_validates(tmp_path):
     }
 
 
+def test_issue18_sweep_trains_fixed_steps_on_the_seed_sweeps_setup(tmp_path):
+    """The issue-18 rows ran on a shared machine, so they train a fixed number of steps (what 120 s gave
+    on the idle one) with the seed sweep's data, base settings and evaluation, so the rows compare."""
+    from diffcap.experiments.sweep import variant_config
+
+    new = load_sweep(ROOT / "sweeps" / "seed_experiments_issue18.yaml", data=tmp_path)
+    old = load_sweep(ROOT / "sweeps" / "seed_experiments.yaml", data=tmp_path)
+    assert (new.budget_s, old.budget_s) == (0.0, 120.0)
+    assert (new.base, new.overrides[:3], new.eval, new.sampling_steps) == (
+        old.base,
+        old.overrides,
+        old.eval,
+        old.sampling_steps,
+    )
+    train = {v.name: variant_config(new, v).train for v in new.variants}
+    body = {n for n in train if "body" in n or n == "frozen_projections"}
+    assert {train[n].steps for n in train.keys() - body} == {627}  # objective_x0's steps in 120 s
+    assert all(0 < train[n].steps < 627 for n in body)  # the MiniLM body costs more per step
+    assert all(t.warmup_steps == t.steps // 10 and t.time_budget_s == 0 for t in train.values())
+
+
 def test_issue4_sweep_file_validates(tmp_path):
     sweep = load_sweep(ROOT / "sweeps" / "issue4_techniques.yaml", data=tmp_path)
     names = [v.name for v in sweep.variants]
