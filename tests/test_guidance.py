@@ -14,6 +14,7 @@ from diffcap.data.contract import FeatureStore
 from diffcap.diffusion.diffusion import GaussianDiffusion
 from diffcap.diffusion.guidance import GuidanceClassifier, classifier_shift
 from diffcap.diffusion.sampler import Sampler
+from diffcap.experiments.timing import throughput
 from diffcap.models.factory import build_model
 from diffcap.pipeline import CaptionPipeline
 from diffcap.text.tokenizer import CaptionTokenizer
@@ -119,6 +120,10 @@ def test_train_save_load_round_trip_and_guided_pipeline(feature_data, tmp_path, 
     feats = FeatureStore.open(feature_data / "features.safetensors").get(["val0", "val1"])
     out = pipe(feats, seed=0, steps=5, classifier_scale=0.5, classifier_path="guidance-x")
     assert len(out.texts) == 2
+    # the sweep times guided samplers: the FLOP counter's hooks must stay out of the guidance gradient
+    speed = throughput(pipe, feats, 4, steps=2, classifier_scale=0.5, classifier_path="guidance-x")
+    assert speed["captions_per_s"] > 0 and speed["gflops"] is None
+    assert throughput(pipe, feats, 4, steps=2)["gflop_per_caption"] > 0
     with pytest.raises(FileNotFoundError, match="train-guidance"):
         pipe(feats, seed=0, steps=5, classifier_scale=0.5, classifier_path="nothing-here")
 

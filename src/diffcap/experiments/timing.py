@@ -43,19 +43,24 @@ def latency(pipe: CaptionPipeline, features: torch.Tensor, n: int, **sampler) ->
 
 def throughput(pipe: CaptionPipeline, features: torch.Tensor, batch: int, **sampler) -> dict[str, float]:
     """Speed of one ``batch``-caption call: ``captions_per_s``, ``batch_s``, ``gflop_per_caption`` and the
-    achieved ``gflops`` (FLOPs counted in a first, warm-up call of the same batch)."""
+    achieved ``gflops`` (FLOPs counted in a first, warm-up call of the same batch; None with classifier
+    guidance, whose autograd.grad the FLOP counter's module hooks refuse)."""
     tiled = tile(features, batch)
-    with FlopCounterMode(display=False) as counter:
+    flops = None
+    if pipe.sampler_config(**sampler).classifier_scale > 0:
         pipe(tiled, batch_size=batch, **sampler)
-    flops = counter.get_total_flops()
+    else:
+        with FlopCounterMode(display=False) as counter:
+            pipe(tiled, batch_size=batch, **sampler)
+        flops = counter.get_total_flops()
     t = time.perf_counter()
     pipe(tiled, batch_size=batch, **sampler)
     seconds = time.perf_counter() - t
     return {
         "captions_per_s": batch / seconds,
         "batch_s": seconds,
-        "gflop_per_caption": flops / batch / 1e9,
-        "gflops": flops / seconds / 1e9,
+        "gflop_per_caption": None if flops is None else flops / batch / 1e9,
+        "gflops": None if flops is None else flops / seconds / 1e9,
     }
 
 
