@@ -167,19 +167,28 @@ def test_mask_predict_examples_tell_each_position_its_time_and_score_only_the_no
     torch.testing.assert_close(shifted["rounding"], base["rounding"])
 
 
-class _OracleWithConfidence(torch.nn.Module):
+class _StubCaptioner(torch.nn.Module):
+    """What the sampler asks of a captioner besides its forward: the model settings (no
+    self-conditioning) and the condition encoder (the features as one token)."""
+
+    def __init__(self, embedding):
+        super().__init__()
+        self.embedding = embedding
+        self.cfg = Config().model
+        self.cfg.self_condition = False
+
+    def encode_condition(self, features):
+        return features[:, None, :]
+
+
+class _OracleWithConfidence(_StubCaptioner):
     """Predicts the target caption, with a confidence it reads off the input: a position told t = 0
     keeps the word it was given; a noised one gets the target word, sure of it only at positions < sure."""
 
     def __init__(self, embedding, target, sure, top):
-        super().__init__()
-        self.embedding, self.target, self.sure, self.top = embedding, target, sure, top
-        self.cfg = Config().model
-        self.cfg.self_condition = False
+        super().__init__(embedding)
+        self.target, self.sure, self.top = target, sure, top
         self.calls = []
-
-    def encode_condition(self, features):
-        return features[:, None, :]
 
     def forward(self, x_t, t, cond, self_cond=None, drop_cond=None, return_logits=False):
         self.calls.append(t.clone())
@@ -261,18 +270,13 @@ def test_length_candidates_are_the_likeliest_lengths_under_independent_pad_proba
     assert (layouts[..., 0]).all() and layouts[0, 0].tolist() == [True, True, False, False]
 
 
-class _TableOracle(torch.nn.Module):
+class _TableOracle(_StubCaptioner):
     """Predicts fixed word probabilities per position ([L x A] over the allowed rows), whatever it is given."""
 
     def __init__(self, embedding, table):
-        super().__init__()
-        self.embedding, self.table = embedding, table
-        self.cfg = Config().model
-        self.cfg.self_condition = False
+        super().__init__(embedding)
+        self.table = table
         self.batches = []
-
-    def encode_condition(self, features):
-        return features[:, None, :]
 
     def forward(self, x_t, t, cond, self_cond=None, drop_cond=None, return_logits=False):
         self.batches.append(x_t.shape[0])
