@@ -282,10 +282,11 @@ def test_weights_that_are_not_finite_are_never_written(feature_data, tmp_path):
 
 def rewrite_checksums(folder: Path) -> None:
     """What a writer of non-finite weights with valid checksums would leave (the checksums are not at fault)."""
-    from diffcap.training.rundir import CHECKSUMS, sha256
+    from diffcap.io import file_sha256
+    from diffcap.training.rundir import CHECKSUMS
 
     files = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != CHECKSUMS]
-    sums = {p.relative_to(folder).as_posix(): sha256(p) for p in files}
+    sums = {p.relative_to(folder).as_posix(): file_sha256(p) for p in files}
     (folder / CHECKSUMS).write_text(json.dumps({"sha256": sums}))
 
 

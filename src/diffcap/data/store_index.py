@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import atomic_output
+from ..io import atomic_output, file_sha256
 from .errors import DataError, describe_ids
 
 INDEX_FILE = "index.json"
@@ -30,14 +30,6 @@ INDEX_FORMAT_LISTING_IDS = "diffcap-feature-shards/1"  # index.json with every i
 # An id is its own key in the id index when its UTF-8 fits in this many bytes; a longer one is keyed by
 # its first 32 bytes and its SHA-256, so one long path does not widen every record of the index.
 KEY_BYTES = 64
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def id_key(image_id: str) -> bytes:

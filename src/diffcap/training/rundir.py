@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import fcntl
 import filecmp
-import hashlib
 import json
 import logging
 import os
@@ -54,7 +53,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from ..config import Config, ConfigError
 from ..data.contract import DataError
-from ..io import atomic_directory, link_or_copy, remove_partial, save_tensors, write_json
+from ..io import atomic_directory, file_sha256, link_or_copy, remove_partial, save_tensors, write_json
 from ..models.base import Captioner
 from ..models.factory import build_model
 from ..text.tokenizer import CaptionTokenizer
@@ -171,7 +170,7 @@ class RunDir:
             expected = json.loads((folder / CHECKSUMS).read_text())["sha256"][weights.name]
         except (OSError, ValueError, KeyError):
             return  # a run saved without checksums, or assembled by hand
-        if sha256(weights) != expected:
+        if file_sha256(weights) != expected:
             raise DamagedCheckpoint(
                 f"{weights}: contents differ from the checksum recorded in {folder / CHECKSUMS} (the file "
                 "is damaged); if the run's checkpoints are intact, resuming the training re-publishes it"
@@ -377,7 +376,7 @@ def _write_checkpoint(folder: Path, state: TrainingState, cfg: Config, tokenizer
         },
     )
     files = sorted(p for p in folder.rglob("*") if p.is_file())
-    write_json(folder / CHECKSUMS, {"sha256": {p.relative_to(folder).as_posix(): sha256(p) for p in files}})
+    write_json(folder / CHECKSUMS, {"sha256": {p.relative_to(folder).as_posix(): file_sha256(p) for p in files}})
 
 
 def _load_checkpoint(folder: Path, state: TrainingState) -> None:
@@ -412,11 +411,6 @@ def _load_checkpoint(folder: Path, state: TrainingState) -> None:
     state.step, state.micro = saved["step"], saved.get("micro_batches", -1)
 
 
-def sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def verify_checksums(folder: Path) -> None:
     """Every file listed in the checkpoint's checksums.json must have the recorded SHA-256."""
     listed = folder / CHECKSUMS
@@ -424,7 +418,7 @@ def verify_checksums(folder: Path) -> None:
         log.warning("%s: no %s (written by an older diffcap), so its files are not verified", folder, CHECKSUMS)
         return
     for name, digest in json.loads(listed.read_text())["sha256"].items():
-        if sha256(_require(folder / name)) != digest:
+        if file_sha256(_require(folder / name)) != digest:
             raise DamagedCheckpoint(f"{folder / name}: contents differ from the SHA-256 in {listed} (damaged)")
 
 
