@@ -205,3 +205,46 @@ def test_pipeline_refuses_settings_left_to_right_decoding_cannot_honour():
             pipe(feats, **overrides)
     with pytest.raises(ValueError, match="no trajectory"):
         pipe(feats, trajectory=True)
+
+
+def test_shortlisted_head_is_the_softmax_over_the_training_tokens(tmp_path):
+    """restrict_vocabulary: the loss is the cross-entropy over the training captions' tokens and EOS
+    only, search never writes another token, a token outside the list is not scored, and weights saved
+    before the list existed load with every token allowed."""
+    model = sharpen(small_model())
+    full = small_model()
+    full.load_state_dict(model.state_dict())
+    full.eval()
+    feats = torch.randn(8, 16)
+    assert not set(full.search(feats, max_length=SEQ_LEN).unique().tolist()) <= {0, 5, 6, 7, 9}  # can fail
+
+    train_ids = torch.tensor([[5, 6, 7, 0, 0, 0, 0, 0, 0, 0], [9, 9, 5, 6, 0, 0, 0, 0, 0, 0]])
+    model.restrict_vocabulary(train_ids)
+    shortlist = [3, 5, 6, 7, 9]  # EOS and the caption tokens; PAD and BOS are never targets
+    assert model.allowed.nonzero().squeeze(1).tolist() == shortlist
+
+    inputs, targets = full.teacher_forcing(train_ids)
+    prefix = full.embed_prefix(full.encode_condition(feats[:2]))
+    x = torch.cat([prefix, full.embed_tokens(inputs, 0)], dim=1)
+    h = full.decode(x, prefix_lm_mask(1, 0, x.shape[1], x.shape[1]))[:, 1:]
+    logp = torch.log_softmax(full.logits(h)[..., shortlist], dim=-1)
+    column = {tok: i for i, tok in enumerate(shortlist)}
+    scored = (targets != IGNORE_INDEX).nonzero().tolist()
+    nll = [-logp[b, i, column[int(targets[b, i])]] for b, i in scored]
+    torch.testing.assert_close(model.loss(train_ids, feats[:2])["loss"], torch.stack(nll).mean())
+
+    for beam in (1, 3):
+        assert set(model.search(feats, max_length=SEQ_LEN, beam_size=beam).unique().tolist()) <= {0, *shortlist}
+
+    # token 8 (a word seen only in validation) is not scored: the loss is that of the caption without it
+    unseen = torch.tensor([[5, 8, 0, 0, 0, 0, 0, 0, 0, 0]])
+    _, t = model.teacher_forcing(unseen)
+    assert (model.head_columns(t) != IGNORE_INDEX).sum() == 2  # w1 and EOS
+    assert torch.isfinite(model.loss(unseen, feats[:1])["loss"])
+
+    old = {k: v for k, v in full.state_dict().items() if k != "allowed"}
+    rebuilt = small_model()
+    rebuilt.load_state_dict(rebuilt.upgrade_state_dict(old))
+    assert bool(rebuilt.allowed.all())
+    rebuilt.eval()
+    assert torch.equal(rebuilt.search(feats, max_length=SEQ_LEN), full.search(feats, max_length=SEQ_LEN))

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..caching import cached_while_unchanged
 from ..config import ModelConfig, SamplerConfig
 from .base import Captioner, Generation
 from .conditioning import condition_shape, make_image_encoder
@@ -248,6 +249,14 @@ class AutoregressiveCaptioner(Captioner):
         # logits use its weight directly instead of a second module sharing the tensor, because
         # safetensors refuses to save a state dict with two names for one storage.
         self.token_embedding = nn.Embedding(vocab_size, d)
+        # Tokens the head scores (restrict_vocabulary): the training captions' tokens and EOS. The
+        # softmax over all 30,522 WordPiece rows was most of a training step (BENCHMARKS.md, "Faster AR
+        # training"), while a caption set uses a few thousand of them (Flickr8k: 6,177); a token never
+        # seen as a target only learns to be unlikely. A shortlisted output vocabulary is the standard
+        # remedy (Jean et al. 2015, arXiv 1412.2007; L'Hostis et al. 2016, arXiv 1610.00072); the
+        # diffusion captioner rounds to the same set.
+        self.register_buffer("allowed", torch.ones(vocab_size, dtype=torch.bool))
+        self._head_cache = None  # (ids, rows) of the allowed tokens while sampling
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(DecoderBlock(d, n_heads, self.ffn_dim, cfg.dropout) for _ in range(n_layers))
         self.ln_f = nn.LayerNorm(d)
@@ -307,9 +316,48 @@ class AutoregressiveCaptioner(Captioner):
             cache.advance(x.shape[1])
         return self.ln_f(x)
 
+    def restrict_vocabulary(self, caption_ids: torch.Tensor) -> None:
+        """Score only the tokens of the training captions [N x L] and EOS (PAD and BOS are never
+        targets)."""
+        allowed = torch.zeros_like(self.allowed)
+        allowed[caption_ids.flatten().to(allowed.device)] = True
+        allowed[[self.pad_id, self.bos_id]] = False
+        allowed[self.eos_id] = True
+        self.allowed.copy_(allowed)
+
+    def upgrade_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Weights saved before the head had a shortlist scored every token; they keep doing so."""
+        if "allowed" not in state:
+            state = {**state, "allowed": torch.ones(self.vocab_size, dtype=torch.bool)}
+        return state
+
+    def head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids [A], rows [A x D]) of the tokens the tied head scores, A <= V."""
+
+        def compute():
+            ids = self.allowed.nonzero().squeeze(1)
+            return ids, self.token_embedding.weight[ids]
+
+        return cached_while_unchanged(self, "_head_cache", (self.token_embedding.weight, self.allowed), compute)
+
+    def head_columns(self, ids: torch.Tensor) -> torch.Tensor:
+        """Each token id's column in the head's logits, or IGNORE_INDEX for a token it does not score
+        (a word seen only in validation captions)."""
+        column = torch.full_like(self.allowed, IGNORE_INDEX, dtype=torch.long)
+        allowed = self.allowed.nonzero().squeeze(1)
+        column[allowed] = torch.arange(len(allowed), device=column.device)
+        return torch.where(ids == IGNORE_INDEX, ids, column[ids.clamp(min=0)])
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Hidden states [... x D] -> logits [... x V] through the tied, bias-free head."""
-        return F.linear(h, self.token_embedding.weight)
+        """Hidden states [... x D] -> logits [... x V] through the tied, bias-free head; tokens outside
+        the shortlist get -inf."""
+        ids, rows = self.head()
+        scored = F.linear(h, rows)
+        if len(ids) == self.vocab_size:
+            return scored
+        out = scored.new_full((*scored.shape[:-1], self.vocab_size), float("-inf"))
+        out[..., ids] = scored
+        return out
 
     # ---- training --------------------------------------------------------------------------------
     def teacher_forcing(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -355,11 +403,14 @@ class AutoregressiveCaptioner(Captioner):
         # multiple of HEAD_ROWS (repeating the first row, whose copies are then dropped): on the CPU a new
         # N per step means new oneDNN kernels and a fragmented heap (peak memory 1.4 -> 2.7 GB on the
         # Flickr8k proxy), while a few sizes are reused.
+        # Targets are columns of the shortlisted head; a token outside it is not scored.
+        targets = self.head_columns(targets)
         scored = (targets != IGNORE_INDEX).flatten()
         rows = scored.nonzero().squeeze(1)
         n = rows.numel()
         padded = torch.cat([rows, rows[:1].expand((-n) % HEAD_ROWS)])
-        logits = self.logits(h.flatten(0, 1)[padded]).float()  # [N' x V]; fp32 loss under bf16/fp16 autocast
+        # [N' x A]; fp32 loss under bf16/fp16 autocast
+        logits = F.linear(h.flatten(0, 1)[padded], self.head()[1]).float()
         nll = torch.zeros(targets.numel(), dtype=logits.dtype, device=logits.device)
         nll[rows] = F.cross_entropy(logits, targets.flatten()[padded], reduction="none")[:n]
         nll = nll.view(targets.shape)

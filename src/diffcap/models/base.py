@@ -53,6 +53,10 @@ class Captioner(nn.Module):
         """Called once before training with the training captions [N x L]; a captioner may limit what
         it generates to their tokens. The default allows every token."""
 
+    def upgrade_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Weights saved by an earlier diffcap -> the keys this version's model has (the default: as is)."""
+        return state
+
     def training_losses(
         self, ids: torch.Tensor, features: torch.Tensor, *, noise=None, net: nn.Module | None = None
     ) -> dict[str, torch.Tensor]:

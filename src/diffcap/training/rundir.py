@@ -154,7 +154,7 @@ class RunDir:
             "ema.safetensors" if ema and (self.path / "ema.safetensors").exists() else "model.safetensors"
         )
         self._verify_published(weights)
-        state = load_weights(weights)
+        state = model.upgrade_state_dict(load_weights(weights))
         if bad := non_finite(state):
             raise DamagedCheckpoint(f"{weights}: weights that are not finite ({', '.join(bad[:5])})")
         check_shapes(weights, state, model.state_dict())
@@ -390,8 +390,8 @@ def _load_checkpoint(folder: Path, state: TrainingState) -> None:
             "batch, and so the data order, would change; resume with as many processes, or start afresh "
             "(--no-resume, or a new --out)"
         )
-    weights = load_weights(folder / "model.safetensors")
-    ema_weights = load_weights(folder / "ema.safetensors")
+    weights = state.model.upgrade_state_dict(load_weights(folder / "model.safetensors"))
+    ema_weights = state.model.upgrade_state_dict(load_weights(folder / "ema.safetensors"))
     moments = load_weights(state_dir / "optimizer.safetensors")
     if bad := non_finite(weights) + non_finite(ema_weights, "ema.") + non_finite(moments, "optimizer."):
         raise DamagedCheckpoint(f"{folder}: tensors that are not finite ({', '.join(bad[:5])})")
