@@ -205,3 +205,37 @@ def test_loading_weights_of_another_shape_names_the_file(feature_data, tmp_path)
     (tmp_path / "run" / "checkpoint.json").unlink()  # as assembled by hand: no checksum says it is damaged
     with pytest.raises(ConfigError, match="ema.safetensors.*in_proj.weight"):
         RunDir(tmp_path / "run").load_model()
+
+
+def test_body_lr_scale_gives_the_pretrained_body_its_own_learning_rate(feature_data, tmp_path, minilm_dir):
+    """train.body_lr_scale: the pretrained body's parameters, and only they, step at lr x scale, through
+    warm-up, decay and a resume; a model without a pretrained body refuses the setting."""
+    from transformers import AutoTokenizer, DistilBertConfig, DistilBertModel
+
+    from diffcap.config import ConfigError, validate
+
+    tiny = tmp_path / "tiny-distilbert"
+    DistilBertModel(DistilBertConfig(vocab_size=30522, dim=32, n_layers=1, n_heads=2, hidden_dim=64)).save_pretrained(
+        tiny
+    )
+    AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(tiny)
+    cfg = small_config(feature_data, steps=4)
+    cfg.text.tokenizer = cfg.model.backbone = str(tiny)
+    cfg.train.body_lr_scale, cfg.train.save_every, cfg.train.warmup_steps = 0.1, 2, 2
+    cfg.train.steps = 2
+    first = Trainer(cfg, tmp_path / "run")
+    first.train(resume=False)
+    cfg.train.steps = 4
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.train(resume=True)
+    assert trainer.resumed_at == 2
+    body = {id(p) for p in trainer.state.model.denoiser.body.parameters() if p.requires_grad}
+    rest, body_group = trainer.optimizer.param_groups
+    assert {id(p) for p in body_group["params"]} == body and not body & {id(p) for p in rest["params"]}
+    factor = lr_lambda(trainer.cfg.train)(trainer.scheduler.last_epoch)
+    assert rest["lr"] == pytest.approx(3e-3 * factor) and body_group["lr"] == pytest.approx(3e-4 * factor)
+
+    plain = small_config(feature_data)
+    plain.train.body_lr_scale = 0.1
+    with pytest.raises(ConfigError, match="body_lr_scale.*model.backbone"):
+        validate(plain)

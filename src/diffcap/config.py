@@ -185,6 +185,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     grad_accum: int = 1
     ema_decay: float = 0.999
+    # The pretrained transformer body's learning rate as a multiple of lr (model.backbone only): new
+    # layers need a large rate and pretrained ones a small one (discriminative fine-tuning, ULMFiT,
+    # Howard & Ruder 2018, arXiv 1801.06146); one rate for both left the MiniLM body unable to learn.
+    body_lr_scale: float = 1.0
     mixed_precision: str = "no"  # no, bf16, fp16 (Accelerate)
     eval_every: int = 500
     eval_images: int = 100  # validation subset for CIDEr
@@ -377,6 +381,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             "diffusion.mask_predict_prob tells each position its own noise level and learns x0 there: it needs "
             "diffusion.objective=x0 and model.time_embedding=true"
+        )
+    if cfg.train.body_lr_scale <= 0:
+        raise ConfigError(f"train.body_lr_scale must be positive, got {cfg.train.body_lr_scale:g}")
+    if cfg.train.body_lr_scale != 1.0 and not (cfg.model.backbone and cfg.model.kind == "diffusion"):
+        raise ConfigError(
+            "train.body_lr_scale sets the learning rate of a pretrained transformer body: it needs "
+            "model.kind=diffusion and model.backbone"
         )
     if cfg.model.fusion == "cross" and cfg.model.backbone and cfg.model.kind == "diffusion":
         raise ConfigError(
