@@ -90,8 +90,9 @@ COMMON_SETTINGS = (
 # warped timesteps, rounding weight 1.0, repeated tokens collapsed; trained on a teacher's captions
 # without guidance, a quarter of the examples partly clean (mask-predict), and sampled in 5 mask-predict
 # steps, which refine the first step's caption (configs/diffcap_best_distilled.yaml). Its peak learning rate
-# is twice the common one: in the session-9 screen at equal wall time (1,000 steps on fixed teacher
-# captions) 2e-3 gained 0.013-0.028 CIDEr at 1-10 steps over 1e-3 (BENCHMARKS.md, "Student screen").
+# is twice the common one: in the session-9 screen at equal wall time (319 s, about 950 steps, on fixed
+# teacher captions) 2e-3 gained 0.008-0.028 CIDEr at 1-10 steps over 1e-3; two full runs then scored
+# within noise of the 1e-3 run (BENCHMARKS.md, "Session 9").
 SETTINGS = {
     "diffusion": COMMON_SETTINGS
     + (
