@@ -29,6 +29,7 @@ from ..caching import cached_while_unchanged
 from ..config import ModelConfig, SamplerConfig
 from .base import Captioner, Generation
 from .conditioning import condition_shape, make_image_encoder
+from .embedding import allowed_columns
 
 MODEL_TYPE = "diffcap_autoregressive"
 IGNORE_INDEX = -100
@@ -343,10 +344,7 @@ class AutoregressiveCaptioner(Captioner):
     def head_columns(self, ids: torch.Tensor) -> torch.Tensor:
         """Each token id's column in the head's logits, or IGNORE_INDEX for a token it does not score
         (a word seen only in validation captions)."""
-        column = torch.full_like(self.allowed, IGNORE_INDEX, dtype=torch.long)
-        allowed = self.allowed.nonzero().squeeze(1)
-        column[allowed] = torch.arange(len(allowed), device=column.device)
-        return torch.where(ids == IGNORE_INDEX, ids, column[ids.clamp(min=0)])
+        return torch.where(ids == IGNORE_INDEX, ids, allowed_columns(self.allowed, ids.clamp(min=0)))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Hidden states [... x D] -> logits [... x V] through the tied, bias-free head; tokens outside

@@ -25,6 +25,15 @@ def load_pretrained_embeddings(name_or_path: str) -> torch.Tensor:
     return model.get_input_embeddings().weight.detach().clone()
 
 
+def allowed_columns(allowed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Each id's column among the True entries of the mask ``allowed`` [V] (in id order), or -100
+    (cross-entropy's ignore index) for an id outside it."""
+    position = torch.full_like(allowed, -100, dtype=torch.long)
+    kept = allowed.nonzero().squeeze(1)
+    position[kept] = torch.arange(len(kept), device=position.device)
+    return position[ids]
+
+
 class TokenEmbedding(nn.Module):
     """Maps ids to x0 in embedding space and x0 back to rounding logits and nearest ids.
 
@@ -90,10 +99,7 @@ class TokenEmbedding(nn.Module):
     def allowed_position(self, ids: torch.Tensor) -> torch.Tensor:
         """Each id's column in :meth:`logits`, or -100 (cross-entropy's ignore index) for a token
         outside the allowed set, which rounding cannot produce (e.g. a word seen only in validation)."""
-        position = torch.full_like(self.allowed, -100, dtype=torch.long)
-        allowed = self.allowed.nonzero().squeeze(1)
-        position[allowed] = torch.arange(len(allowed), device=position.device)
-        return position[ids]
+        return allowed_columns(self.allowed, ids)
 
     def allowed_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, rows) of the tokens rounding may produce. Searching these only, rather than masking a
