@@ -5,6 +5,11 @@ favours cheap settings, and ``train.time_budget_s`` alone cuts the learning-rate
 (it would never decay). So a short throwaway run measures seconds per step, ``train.steps`` is set
 so that the whole schedule fits the budget, and ``train.time_budget_s`` stays as the hard stop.
 Both ``diffcap sweep`` and the Flickr8k proxy benchmark train this way (:func:`train_to_budget`).
+
+Fifteen steps are a noisy measure: identical proxy settings read 0.244 to 0.307 s/step, so one run
+left a sixth of its budget unused and another hit the hard stop before its learning rate had decayed.
+The real run therefore measures itself again (:class:`Replan`, at :data:`REPLAN_AT` of its planned
+steps) and re-fits the rest of its schedule to the time left.
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ from ..io import write_json
 CALIBRATION_STEPS, CALIBRATION_SKIP = 20, 5  # time steps SKIP..STEPS of a throwaway run
 BUDGET_FILL = 0.95  # plan this fraction of the budget, leaving room for the final checkpoint
 PLAN_FILE = "plan.json"  # in the run directory: a resumed run keeps its plan, hence its LR schedule
+# Re-fit train.steps at these fractions of the calibrated plan: after the warm-up (a tenth at most) and
+# once more half-way, when the measure covers hundreds of steps. An early revision moves the learning
+# rate by little (linear decay: from progress 0.1 to 0.1 x old / new steps).
+REPLAN_AT = (0.1, 0.5)
 
 
 def reset_accelerate() -> None:
@@ -62,15 +71,66 @@ def planned_steps(budget_s: float, sec_per_step: float) -> int:
     return max(1, int(BUDGET_FILL * budget_s / max(sec_per_step, 1e-9)))
 
 
-def plan_to_budget(cfg: Config, budget_s: float, sec_per_step: float) -> Config:
-    """A copy of ``cfg`` whose train.steps (and a warm-up no longer than a tenth of them) fit ``budget_s``,
-    with train.time_budget_s as the hard stop."""
-    planned = planned_steps(budget_s, sec_per_step)
+def new_plan(cfg: Config, budget_s: float, sec_per_step: float) -> dict:
+    """The plan of a budgeted run: steps that fit ``budget_s`` at ``sec_per_step``, and a warm-up no longer
+    than a tenth of them. ``calibrated_steps`` stays as first planned; ``steps`` is what :class:`Replan`
+    revises."""
+    steps = planned_steps(budget_s, sec_per_step)
+    return {
+        "sec_per_step": sec_per_step,
+        "steps": steps,
+        "calibrated_steps": steps,
+        "warmup_steps": min(cfg.train.warmup_steps, max(1, steps // 10)),
+        "revisions": [],
+    }
+
+
+def plan_to_budget(cfg: Config, budget_s: float, plan: dict) -> Config:
+    """A copy of ``cfg`` that trains ``plan``'s steps and warm-up, with train.time_budget_s as the hard stop."""
     out = copy.deepcopy(cfg)
-    out.train.steps = planned
+    out.train.steps = plan["steps"]
     out.train.time_budget_s = float(budget_s)
-    out.train.warmup_steps = min(cfg.train.warmup_steps, max(1, planned // 10))
+    out.train.warmup_steps = plan["warmup_steps"]
     return out
+
+
+class Replan:
+    """Re-fits a budgeted run's train.steps to the seconds per step of the run itself.
+
+    The Trainer asks :meth:`wants` after every optimiser step and, where it does, passes the seconds
+    since training started (the same on every process). The first such step, :data:`CALIBRATION_SKIP`
+    steps in, starts the clock (the first steps are slower); at each of :data:`REPLAN_AT` of the
+    calibrated plan, :meth:`revise` measures seconds per step since then and plans the steps that end
+    at :data:`BUDGET_FILL` of the budget. Each revision is written to the plan file, so a resumed run
+    keeps the schedule it had. The revision steps depend only on the plan, so every process revises at
+    the same step to the same number.
+    """
+
+    def __init__(self, budget_s: float, plan: dict, plan_path: Path):
+        self.budget_s, self.plan, self.plan_path = budget_s, plan, Path(plan_path)
+        self.clock_step, self.clock_s, self.points = None, 0.0, ()
+
+    def start(self, step: int) -> None:
+        """Training starts (or resumes) at ``step``."""
+        self.clock_step = step + CALIBRATION_SKIP
+        marks = (int(f * self.plan["calibrated_steps"]) for f in REPLAN_AT)
+        self.points = tuple(m for m in marks if m > self.clock_step)
+
+    def wants(self, step: int) -> bool:
+        return step == self.clock_step or step in self.points
+
+    def revise(self, step: int, elapsed_s: float, write: bool = True) -> int:
+        """The run's train.steps after ``step``, ``elapsed_s`` seconds into training."""
+        if step == self.clock_step:
+            self.clock_s = elapsed_s
+            return self.plan["steps"]
+        sec = (elapsed_s - self.clock_s) / (step - self.clock_step)
+        steps = max(step + 1, step + int((BUDGET_FILL * self.budget_s - elapsed_s) / max(sec, 1e-9)))
+        self.plan["revisions"].append({"at_step": step, "sec_per_step": sec, "steps": steps})
+        self.plan["steps"] = steps
+        if write:
+            write_json(self.plan_path, self.plan)
+        return steps
 
 
 def train_to_budget(
@@ -90,7 +150,8 @@ def train_to_budget(
     run, so a stopped run can resume mid-way. Returns the training record: ``steps``, ``planned_steps``,
     ``train_s`` (this process only, so after a resume not the time before the stop), ``wall_s``,
     ``stopped_by_budget``, ``budget_s``, ``sec_per_step``, ``calibration_wall_s``, ``resumed``,
-    ``resumed_at_step``, ``final_loss``, ``params``, ``params_trainable``.
+    ``resumed_at_step``, ``final_loss``, ``params``, ``params_trainable``; with a budget also
+    ``calibrated_steps`` (the first plan; ``planned_steps`` is the last revision) and ``revisions``.
     """
     from ..training import Trainer, load_training_data
 
@@ -99,17 +160,21 @@ def train_to_budget(
     if not resume:
         shutil.rmtree(run_dir, ignore_errors=True)
     data = data if data is not None else load_training_data(cfg)
-    plan_path, calibration_wall_s = run_dir / PLAN_FILE, 0.0
+    plan_path, calibration_wall_s, replan = run_dir / PLAN_FILE, 0.0, None
     if budget_s > 0:
         if resume and plan_path.exists():
             plan = json.loads(plan_path.read_text())
+            plan.setdefault("calibrated_steps", plan["steps"])  # a plan from before revisions
+            plan.setdefault("warmup_steps", min(cfg.train.warmup_steps, max(1, plan["steps"] // 10)))
+            plan.setdefault("revisions", [])
         else:
             t0 = time.time()
             sec = calibrate(cfg, data, run_dir.parent / f".{run_dir.name}-calibration")
             calibration_wall_s = time.time() - t0
-            plan = {"sec_per_step": sec, "steps": planned_steps(budget_s, sec)}
+            plan = new_plan(cfg, budget_s, sec)
             write_json(plan_path, plan)
-        cfg = plan_to_budget(cfg, budget_s, plan["sec_per_step"])
+        cfg = plan_to_budget(cfg, budget_s, plan)
+        replan = Replan(budget_s, plan, plan_path)
         say(f"{run_dir.name}: {plan['sec_per_step']:.4f} s/step -> {cfg.train.steps} steps in {budget_s:.0f} s")
     else:
         plan = {"sec_per_step": None}
@@ -117,7 +182,7 @@ def train_to_budget(
         cfg = copy.deepcopy(cfg)
         cfg.train.save_every = max(1, math.ceil(cfg.train.steps / checkpoints))
     reset_accelerate()
-    trainer = Trainer(cfg, run_dir, data=data)
+    trainer = Trainer(cfg, run_dir, data=data, replan=replan)
     model = trainer.accelerator.unwrap_model(trainer.model)
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -125,10 +190,10 @@ def train_to_budget(
     stats = trainer.train(resume=resume)
     record = {
         "steps": stats["steps"],
-        "planned_steps": cfg.train.steps,
+        "planned_steps": trainer.cfg.train.steps,
         "train_s": stats["train_s"],
         "wall_s": time.time() - start,
-        "stopped_by_budget": budget_s > 0 and stats["steps"] < cfg.train.steps,
+        "stopped_by_budget": budget_s > 0 and stats["steps"] < trainer.cfg.train.steps,
         "budget_s": budget_s,
         "sec_per_step": plan["sec_per_step"],
         "calibration_wall_s": calibration_wall_s,
@@ -137,10 +202,13 @@ def train_to_budget(
         "final_loss": stats.get("loss"),
         "params": params,
         "params_trainable": trainable,
+        **({"calibrated_steps": plan["calibrated_steps"], "revisions": plan["revisions"]} if replan else {}),
     }
     del trainer, model
     gc.collect()
     reset_accelerate()
+    for r in record.get("revisions", []):
+        say(f"{run_dir.name}: at step {r['at_step']}, {r['sec_per_step']:.4f} s/step -> {r['steps']} steps")
     say(
         f"{run_dir.name}: trained {record['steps']} steps in {record['train_s']:.1f} s, "
         f"loss {record['final_loss'] if record['final_loss'] is not None else float('nan'):.3f}"

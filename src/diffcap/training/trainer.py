@@ -210,8 +210,11 @@ class Trainer:
     which is what the run directory saves.
     """
 
-    def __init__(self, cfg: Config, out_dir: str | Path, data: TrainingData | None = None):
+    def __init__(self, cfg: Config, out_dir: str | Path, data: TrainingData | None = None, replan=None):
         self.out_dir = Path(out_dir)
+        # A budgeted run's re-planner (diffcap.experiments.budget.Replan), which may revise train.steps
+        # (and with it the learning-rate schedule, which reads train.steps at every step).
+        self.replan = replan
         self.accelerator = Accelerator(
             mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum
         )
@@ -335,6 +338,19 @@ class Trainer:
             over = self.accelerator.reduce(over, "sum")
         return bool(over.item() > 0)
 
+    def _agreed_elapsed(self, start: float) -> float:
+        """Seconds since ``start``: the longest of all processes, so that every process plans alike."""
+        elapsed = torch.tensor([time.time() - start], device=self.accelerator.device)
+        return float(self.accelerator.gather(elapsed).max().item())
+
+    def _revise_plan(self, start: float, bar) -> None:
+        if self.replan is None or not self.replan.wants(self.step):
+            return
+        steps = self.replan.revise(self.step, self._agreed_elapsed(start), write=self.accelerator.is_main_process)
+        if steps != self.cfg.train.steps:
+            self.cfg.train.steps = bar.total = steps
+            bar.refresh()
+
     def train(self, resume: bool = True) -> dict:
         cfg, acc = self.cfg.train, self.accelerator
         bar = None
@@ -369,6 +385,8 @@ class Trainer:
                 dynamic_ncols=True,
             )
             start, last = time.time(), {}
+            if self.replan is not None:
+                self.replan.start(self.step)
             model = self.model.train()
             step_rows = []  # the training rows of the step's micro-batches, to name them in an error
             while self.step < cfg.steps:
@@ -394,6 +412,7 @@ class Trainer:
                 self.state.step += 1
                 bar.update(1)
                 last = scalars
+                self._revise_plan(start, bar)
                 # the last step: the planned one, or the first past train.time_budget_s (then it saves and stops)
                 done = self.step == cfg.steps or self._over_budget(start)
                 if self.step % cfg.log_every == 0 or done:
