@@ -125,6 +125,9 @@ def test_end_to_end_all_methods(tmp_path, monkeypatch):
         assert {"latency_b1_s", "throughput_b64", "train_s", "params", "steps", "nfe"} <= r.keys()
         assert r["steps"] >= 1 and r["params"] > 0 and r["latency_b1_s"] > 0 and r["throughput_b64"] > 0
         assert r["train_s"] < 12.0 + 5.0  # 0.2 min budget (hard stop), plus the last step and the checkpoint
+        # the plan as calibrated, and its revisions on the run's own speed (the last one is planned_steps)
+        assert r["calibrated_steps"] >= 1 and all(v["steps"] >= 1 for v in r["plan_revisions"])
+        assert r["planned_steps"] == ([r["calibrated_steps"]] + [v["steps"] for v in r["plan_revisions"]])[-1]
     assert saved["diffusion"]["nfe"] == 2  # 2 DDIM steps, one evaluation each (no guidance by default)
     # distillation: the teacher, its captions and the student share the diffusion captioner's budget
     distilled = saved["diffusion"]["distillation"]

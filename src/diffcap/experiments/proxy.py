@@ -287,6 +287,8 @@ def train_method(cfg: Config, budget_s: float, runs: Path, name: str) -> tuple[P
         "budget_s": budget_s,
         "calibration_s_per_step": r["sec_per_step"],
         "calibration_wall_s": r["calibration_wall_s"],
+        "calibrated_steps": r.get("calibrated_steps"),  # the first plan; planned_steps is the last revision
+        "plan_revisions": r.get("revisions", []),
         "final_loss": r["final_loss"],
         "params": r["params"],
         "params_trainable": r["params_trainable"],
