@@ -163,10 +163,9 @@ def train_to_budget(
     plan_path, calibration_wall_s, replan = run_dir / PLAN_FILE, 0.0, None
     if budget_s > 0:
         if resume and plan_path.exists():
-            plan = json.loads(plan_path.read_text())
-            plan.setdefault("calibrated_steps", plan["steps"])  # a plan from before revisions
-            plan.setdefault("warmup_steps", min(cfg.train.warmup_steps, max(1, plan["steps"] // 10)))
-            plan.setdefault("revisions", [])
+            saved = json.loads(plan_path.read_text())
+            # a plan from before revisions lacks the keys new_plan adds; its steps are the calibrated ones
+            plan = {**new_plan(cfg, budget_s, saved["sec_per_step"]), **saved}
         else:
             t0 = time.time()
             sec = calibrate(cfg, data, run_dir.parent / f".{run_dir.name}-calibration")
