@@ -136,6 +136,10 @@ def test_end_to_end_all_methods(tmp_path, monkeypatch):
         distilled["teacher"]["train_s"] + distilled["captioning"]["captioning_s"] + distilled["student_train_s"]
     )
     assert saved["configs"]["diffusion"]["data"]["captions"].endswith("captions_distilled.jsonl")
+    # the student starts from its teacher's weights (model.init_from)
+    student_model = saved["configs"]["diffusion"]["model"]
+    assert distilled["student_from_teacher"] and student_model["body"] == "prenorm"
+    assert student_model["init_from"].endswith("diffusion-teacher")
     assert distilled["captions_per_image"] == 2 and distilled["captioning"]["teacher_captions"] >= 12
     assert distilled["beam"] == 3 and {"BLEU-4", "CIDEr"} <= saved["diffusion_teacher"].keys()
     assert {"BLEU-4", "CIDEr"} <= saved["diffusion_without_collapse"].keys()

@@ -61,6 +61,12 @@ class ModelConfig:
     dropout: float = 0.1
     # Initialise the transformer body from a BERT-family checkpoint (DistilBERT in the seed).
     backbone: str | None = None
+    # The denoiser's transformer body: "bert" (transformers' BertModel, or model.backbone's) or
+    # "prenorm" (the autoregressive captioner's pre-norm blocks without a mask; models/prenorm_body.py).
+    body: str = "bert"
+    # A trained autoregressive run whose condition projection, positions and blocks start a prenorm
+    # denoiser of the same shape (its distillation teacher; NAT students start from their AR teachers).
+    init_from: str | None = None
     # "learned": trained embeddings of width emb_dim projected to d_model (Diffusion-LM, arXiv 2205.14217).
     # Otherwise a path or hub id whose input embeddings are used frozen (the seed's DistilBERT setting).
     embedding: str = "learned"
@@ -300,6 +306,7 @@ CHOICES = {  # (section, key) -> the values allowed
     ("data", "encoder_kind"): ("", "clip-image", "clip-text", "sentence-transformers"),
     ("model", "kind"): ("diffusion", "autoregressive"),
     ("model", "fusion"): ("add", "concat", "cross"),
+    ("model", "body"): ("bert", "prenorm"),
     ("model", "image_encoder"): (None, "cnn"),
     ("model", "score_head"): ("separate", "tied"),
     ("diffusion", "schedule"): ("linear", "cosine", "sqrt"),
@@ -394,6 +401,17 @@ def validate(cfg: Config) -> None:
             "model.fusion=cross builds a body with cross-attention layers (BLIP's text encoder); it cannot start "
             "from model.backbone: use fusion add or concat with a pretrained body"
         )
+    prenorm = cfg.model.kind == "diffusion" and cfg.model.body == "prenorm"
+    if prenorm and (cfg.model.backbone or cfg.model.fusion == "cross"):
+        raise ConfigError(
+            "model.body=prenorm is diffcap's own pre-norm body: it has no pretrained model.backbone and no "
+            "cross-attention (model.fusion=cross); use model.body=bert for those"
+        )
+    if cfg.model.init_from and (cfg.model.kind != "diffusion" or cfg.model.body != "prenorm"):
+        raise ConfigError(
+            "model.init_from starts a diffusion denoiser from an autoregressive run's blocks: it needs "
+            "model.kind=diffusion and model.body=prenorm"
+        )
     segments = condition_segments(cfg.model)
     if cfg.model.cond_tokens and sum(segments) != cfg.model.cond_tokens:
         raise ConfigError(
@@ -409,6 +427,7 @@ def validate(cfg: Config) -> None:
         ignored = {
             "model.freeze_projections=true": m.freeze_projections,
             "model.projection_bias=false": not m.projection_bias,
+            "model.body=prenorm": m.body != "bert",
             f"model.cond_segments={m.cond_segments!r} (a store joined from several sources)": m.cond_segments,
         }
         for setting, given in ignored.items():

@@ -62,6 +62,11 @@ DISTILL_SHARE = 0.5
 DISTILL_BEAM = 3
 # Captions per training image: the best k distinct hypotheses of the teacher's beam (diffcap.training.distill).
 DISTILL_CAPTIONS = 1
+# The student's denoiser has the teacher's pre-norm blocks and starts from its weights: blocks, positions,
+# condition projection and output head (model.body=prenorm, model.init_from; models/prenorm_body.py).
+# In the session-11 screen at equal wall time it gained 0.032-0.047 CIDEr at 1-10 steps over the BERT
+# body from scratch, to which the pre-norm body from scratch lost 0.02-0.06 (BENCHMARKS.md, "Session 11").
+STUDENT_FROM_TEACHER = True
 LATENCY_IMAGES = 20
 THROUGHPUT_BATCH = 64
 METRIC_KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE_L", "CIDEr")
@@ -89,15 +94,12 @@ COMMON_SETTINGS = (
 # diffcap's best settings on this proxy (BENCHMARKS.md): CDCD score interpolation, linear schedule,
 # warped timesteps, rounding weight 1.0, repeated tokens collapsed; trained on a teacher's captions
 # without guidance, a quarter of the examples partly clean (mask-predict), and sampled in 5 mask-predict
-# steps, which refine the first step's caption (configs/diffcap_best_distilled.yaml). Its peak learning rate
-# is twice the common one: in the session-9 screen at equal wall time (319 s, about 950 steps, on fixed
-# teacher captions) 2e-3 gained 0.008-0.028 CIDEr at 1-10 steps over 1e-3; two full runs then scored
-# within noise of the 1e-3 run (BENCHMARKS.md, "Session 9").
+# steps, which refine the first step's caption (configs/diffcap_best_distilled.yaml). The student that
+# starts from its teacher (STUDENT_FROM_TEACHER) keeps the common peak learning rate: in the session-11
+# screen 1e-3 beat 2e-3 and 5e-4 by 0.01-0.04 CIDEr at 1-10 steps (BENCHMARKS.md, "Session 11").
 SETTINGS = {
     "diffusion": COMMON_SETTINGS
     + (
-        "train.lr=0.002",
-        "train.final_lr=0.0002",
         "model.kind=diffusion",
         "model.emb_dim=64",
         "model.self_condition=true",
@@ -331,6 +333,8 @@ def train_distilled(
     say(f"diffusion: {summary['teacher_captions']} teacher captions in {summary['captioning_s']:.1f} s")
     student_cfg = copy.deepcopy(cfg)
     student_cfg.data.captions = str(distilled)
+    if STUDENT_FROM_TEACHER:
+        student_cfg.model.body, student_cfg.model.init_from = "prenorm", str(teacher_dir)
     left_s = budget_s - teacher["train_s"] - summary["captioning_s"]
     if left_s <= 0:
         raise ConfigError(f"--distill-share {share} leaves no training time for the diffusion captioner")
@@ -340,6 +344,7 @@ def train_distilled(
         "share": share,
         "beam": beam,
         "captions_per_image": captions_per_image,
+        "student_from_teacher": STUDENT_FROM_TEACHER,
         "teacher": teacher,
         "captioning": summary,
         "student_train_s": info["train_s"],

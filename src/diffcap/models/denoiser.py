@@ -13,6 +13,9 @@ import math
 import torch
 from torch import nn
 
+from .prenorm_body import MODEL_TYPE as PRENORM_TYPE
+from .prenorm_body import build_prenorm_body
+
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps, (B,) -> (B, dim) (Vaswani et al. 2017)."""
@@ -33,13 +36,24 @@ def build_body(
     backbone: str | None,
     body_config: dict | None = None,
     cross_attention: bool = False,
+    kind: str = "bert",
 ) -> nn.Module:
     """A transformers encoder used through ``inputs_embeds``; its word-embedding table is dropped.
 
     ``body_config`` (a saved ``config.to_dict()``) rebuilds a pretrained body's architecture without
     reading its weights, which then come from the run's own safetensors file. ``cross_attention``
-    builds a body whose layers also attend to ``encoder_hidden_states`` d_model wide.
+    builds a body whose layers also attend to ``encoder_hidden_states`` d_model wide. ``kind="prenorm"``
+    builds the autoregressive captioner's blocks without a mask instead (models/prenorm_body.py).
     """
+    if kind == "prenorm" or (body_config or {}).get("model_type") == PRENORM_TYPE:
+        return build_prenorm_body(
+            d_model=d_model,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            dropout=dropout,
+            max_positions=max_positions,
+            body_config=body_config,
+        )
     from transformers import AutoConfig, AutoModel, BertConfig, BertModel, BlipTextConfig, BlipTextModel
 
     shape = dict(  # a randomly initialised body of either family: no word table, the model's width
@@ -107,6 +121,8 @@ class TransformerDenoiser(nn.Module):
             source gets its own learned segment embedding ("add" pools them all). None: one source.
         projection_bias: give ``in_proj`` and ``out_proj`` a bias (the seed found none better for a
             pretrained projection, since its input has none).
+        body: "bert" (transformers' BertModel, or model.backbone's) or "prenorm" (the autoregressive
+            captioner's blocks, bidirectional; models/prenorm_body.py).
     """
 
     def __init__(
@@ -128,6 +144,7 @@ class TransformerDenoiser(nn.Module):
         out_dim: int | None = None,
         cond_segments: list[int] | None = None,
         projection_bias: bool = True,
+        body: str = "bert",
     ):
         super().__init__()
         self.body = build_body(
@@ -139,6 +156,7 @@ class TransformerDenoiser(nn.Module):
             backbone=backbone,
             body_config=body_config,
             cross_attention=fusion == "cross",
+            kind=body,
         )
         d_model = self.body.config.hidden_size  # a pretrained backbone fixes the width
         self.d_model = d_model
@@ -156,6 +174,10 @@ class TransformerDenoiser(nn.Module):
             else None
         )
         self.segment = nn.Embedding(2, d_model) if fusion == "concat" else None
+        if self.segment is not None and self.body.config.model_type == PRENORM_TYPE:
+            # BERT's embedding LayerNorm rescales N(0, 1) segment vectors; a pre-norm body adds them to
+            # its residual stream as they are, so they start at the scale of its other embeddings.
+            nn.init.normal_(self.segment.weight, std=0.02)
         self.source = None
         if cond_segments and len(cond_segments) > 1 and fusion != "add":
             if sum(cond_segments) != max_cond_tokens:

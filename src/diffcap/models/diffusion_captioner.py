@@ -88,6 +88,7 @@ class DiffusionCaptioner(Captioner):
             out_dim=vocab_size if cfg.score_interpolation and cfg.score_head == "separate" else None,
             cond_segments=condition_segments(cfg) if cfg.cond_segments else None,
             projection_bias=cfg.projection_bias,
+            body=cfg.body,
         )
         if cfg.freeze_projections:
             freeze_projections(self.denoiser.in_proj, self.denoiser.out_proj, cfg.emb_dim)

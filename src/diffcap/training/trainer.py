@@ -37,7 +37,9 @@ from ..data.contract import (
 from ..data.datasets import CaptionPairs, SplitData, load_split
 from ..diffusion.noise import StepNoise
 from ..io import atomic_output, read_jsonl_log
+from ..models.autoregressive import AutoregressiveCaptioner
 from ..models.factory import build_model
+from ..models.prenorm_body import copy_teacher
 from ..text.tokenizer import CaptionTokenizer
 from .rundir import RunDir, TrainingState
 from .validation import NonFiniteCheck, Validator
@@ -277,6 +279,19 @@ class Trainer:
         self.resumed_at = self.step
         return True
 
+    def _start_from_teacher(self) -> None:
+        """model.init_from: a fresh run's denoiser starts from its autoregressive teacher's EMA weights
+        (models/prenorm_body.py); a resumed one has its own weights and never reads the teacher."""
+        source = Path(self.cfg.model.init_from)
+        _, teacher, tokenizer = RunDir(source).load_model(ema=True)
+        if not isinstance(teacher, AutoregressiveCaptioner):
+            raise ConfigError(f"model.init_from={source}: not an autoregressive run (model.kind={teacher.cfg.kind})")
+        if tokenizer.hf.get_vocab() != self.tokenizer.hf.get_vocab():
+            raise ConfigError(f"model.init_from={source}: the teacher's tokenizer is not this run's")
+        model = self.state.model
+        copy_teacher(model, teacher, source=str(source))
+        self.ema.module.load_state_dict(model.state_dict())
+
     def _apply_schedule(self) -> None:
         """The learning rate of this run's settings at the resumed step: a resume may change train.lr and
         the schedule (rundir.RESUME_MAY_CHANGE), and the optimizer state loaded carries the old ones.
@@ -360,6 +375,8 @@ class Trainer:
                 self.resume()
             else:
                 self.run_dir.start_over()
+            if self.resumed_at is None and self.cfg.model.init_from:
+                self._start_from_teacher()
             if self.step >= cfg.steps:
                 log.warning(
                     "%s: already trained to step %d, so train.steps=%d trains nothing; raise train.steps to "
