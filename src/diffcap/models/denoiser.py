@@ -174,10 +174,6 @@ class TransformerDenoiser(nn.Module):
             else None
         )
         self.segment = nn.Embedding(2, d_model) if fusion == "concat" else None
-        if self.segment is not None and self.body.config.model_type == PRENORM_TYPE:
-            # BERT's embedding LayerNorm rescales N(0, 1) segment vectors; a pre-norm body adds them to
-            # its residual stream as they are, so they start at the scale of its other embeddings.
-            nn.init.normal_(self.segment.weight, std=0.02)
         self.source = None
         if cond_segments and len(cond_segments) > 1 and fusion != "add":
             if sum(cond_segments) != max_cond_tokens:
@@ -186,6 +182,12 @@ class TransformerDenoiser(nn.Module):
             # which source each condition token comes from; derived from the config, so not saved
             ids = torch.repeat_interleave(torch.arange(len(cond_segments)), torch.tensor(cond_segments))
             self.register_buffer("source_ids", ids, persistent=False)
+        if self.body.config.model_type == PRENORM_TYPE:
+            # BERT's embedding LayerNorm rescales N(0, 1) segment vectors; a pre-norm body adds them to
+            # its residual stream as they are, so they start at the scale of its other embeddings.
+            for table in (self.segment, self.source):
+                if table is not None:
+                    nn.init.normal_(table.weight, std=0.02)
 
     def forward(
         self,

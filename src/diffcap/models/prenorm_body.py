@@ -5,8 +5,8 @@ Why a second body next to transformers' BERT: with the same blocks as the AR cap
 student can start from its autoregressive teacher's weights (``model.init_from``, :func:`copy_teacher`),
 as non-autoregressive students start from their AR teachers in NAT (Guo et al. 2020, "Fine-Tuning by
 Curriculum Learning for Non-Autoregressive Neural Machine Translation", arXiv 1911.08717). The
-teacher's condition projection, position embeddings and blocks carry over; only the attention mask
-changes, from prefix-LM to bidirectional. Its fused query/key/value projection also makes one pass
+teacher's condition projection, position embeddings, blocks and output head carry over; the attention
+mask changes from prefix-LM to bidirectional. Its fused query/key/value projection also makes one pass
 four matmuls per layer instead of BERT's six, which is what a batch-1 pass costs on a CPU
 (BENCHMARKS.md).
 """
