@@ -64,8 +64,8 @@ class ModelConfig:
     # The denoiser's transformer body: "bert" (transformers' BertModel, or model.backbone's) or
     # "prenorm" (the autoregressive captioner's pre-norm blocks without a mask; models/prenorm_body.py).
     body: str = "bert"
-    # A trained autoregressive run whose condition projection, positions and blocks start a prenorm
-    # denoiser of the same shape (its distillation teacher; NAT students start from their AR teachers).
+    # A trained autoregressive run whose blocks, positions, condition projection and output head start a
+    # prenorm denoiser of the same shape (its distillation teacher; NAT students start from AR teachers).
     init_from: str | None = None
     # "learned": trained embeddings of width emb_dim projected to d_model (Diffusion-LM, arXiv 2205.14217).
     # Otherwise a path or hub id whose input embeddings are used frozen (the seed's DistilBERT setting).

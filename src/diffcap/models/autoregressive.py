@@ -130,6 +130,18 @@ class DecoderBlock(nn.Module):
         return x + self.drop(self.mlp(self.ln2(x)))
 
 
+def init_blocks(blocks: nn.ModuleList) -> None:
+    """GPT-2 initialisation of DecoderBlocks: N(0, 0.02), zero biases, residual output projections scaled
+    by 1/sqrt(2 * n_layers) so the residual stream's variance does not grow with depth."""
+    for module in blocks.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+    for block in blocks:
+        for linear in (block.attn.out, block.mlp[2]):
+            nn.init.normal_(linear.weight, std=0.02 / math.sqrt(2 * len(blocks)))
+
+
 class _Stepper:
     """Incremental decoding state shared by greedy and beam search, with or without the KV cache.
 
@@ -265,16 +277,8 @@ class AutoregressiveCaptioner(Captioner):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        # GPT-2 initialisation: N(0, 0.02), zero biases, residual output projections scaled by
-        # 1/sqrt(2 * n_layers) so the residual stream's variance does not grow with depth. The condition
-        # projection and the image encoder keep PyTorch's defaults, as in the diffusion captioner.
-        for module in self.blocks.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=0.02)
-                nn.init.zeros_(module.bias)
-        for block in self.blocks:
-            for linear in (block.attn.out, block.mlp[2]):
-                nn.init.normal_(linear.weight, std=0.02 / math.sqrt(2 * len(self.blocks)))
+        # The condition projection and the image encoder keep PyTorch's defaults, as in the diffusion captioner.
+        init_blocks(self.blocks)
         for p in (self.token_embedding.weight, self.prefix_pos, self.token_pos):
             nn.init.normal_(p, std=0.02)
 

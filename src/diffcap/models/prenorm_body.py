@@ -13,14 +13,13 @@ four matmuls per layer instead of BERT's six, which is what a batch-1 pass costs
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
-from .autoregressive import AutoregressiveCaptioner, DecoderBlock
+from .autoregressive import AutoregressiveCaptioner, DecoderBlock, init_blocks
 
 MODEL_TYPE = "diffcap_prenorm_encoder"
 
@@ -59,14 +58,7 @@ class PrenormEncoder(nn.Module):
             for _ in range(config.num_hidden_layers)
         )
         self.ln_f = nn.LayerNorm(d)
-        # GPT-2 initialisation, as the AR captioner's (autoregressive._init_weights)
-        for module in self.blocks.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=0.02)
-                nn.init.zeros_(module.bias)
-        for block in self.blocks:
-            for linear in (block.attn.out, block.mlp[2]):
-                nn.init.normal_(linear.weight, std=0.02 / math.sqrt(2 * len(self.blocks)))
+        init_blocks(self.blocks)  # as the AR captioner's
         nn.init.normal_(self.position, std=0.02)
 
     def forward(self, inputs_embeds: torch.Tensor) -> BaseModelOutput:
