@@ -13,7 +13,6 @@ import math
 import torch
 from torch import nn
 
-from .prenorm_body import MODEL_TYPE as PRENORM_TYPE
 from .prenorm_body import build_prenorm_body
 
 
@@ -45,7 +44,7 @@ def build_body(
     builds a body whose layers also attend to ``encoder_hidden_states`` d_model wide. ``kind="prenorm"``
     builds the autoregressive captioner's blocks without a mask instead (models/prenorm_body.py).
     """
-    if kind == "prenorm" or (body_config or {}).get("model_type") == PRENORM_TYPE:
+    if kind == "prenorm":
         return build_prenorm_body(
             d_model=d_model,
             n_layers=n_layers,
@@ -182,7 +181,7 @@ class TransformerDenoiser(nn.Module):
             # which source each condition token comes from; derived from the config, so not saved
             ids = torch.repeat_interleave(torch.arange(len(cond_segments)), torch.tensor(cond_segments))
             self.register_buffer("source_ids", ids, persistent=False)
-        if self.body.config.model_type == PRENORM_TYPE:
+        if body == "prenorm":
             # BERT's embedding LayerNorm rescales N(0, 1) segment vectors; a pre-norm body adds them to
             # its residual stream as they are, so they start at the scale of its other embeddings.
             for table in (self.segment, self.source):
