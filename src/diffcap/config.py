@@ -175,7 +175,8 @@ class SamplerConfig:
     seed: int = 0
     beam_size: int = field(default=1, metadata={"flag": "--beam"})  # autoregressive model: 1 = greedy
     # Matmuls in bfloat16 (torch.autocast) while captioning, for both model kinds: on CPUs with bf16
-    # instructions (AVX512-BF16, AMX) and on GPUs they run several times faster than fp32.
+    # instructions (AVX512-BF16, AMX) and on GPUs they run several times faster than fp32, on an
+    # AVX2-only CPU ~90x slower. "auto": bf16 where the device has it natively (diffcap.precision).
     precision: str = "fp32"
 
 
@@ -195,7 +196,7 @@ class TrainConfig:
     # layers need a large rate and pretrained ones a small one (discriminative fine-tuning, ULMFiT,
     # Howard & Ruder 2018, arXiv 1801.06146); one rate for both left the MiniLM body unable to learn.
     body_lr_scale: float = 1.0
-    mixed_precision: str = "no"  # no, bf16, fp16 (Accelerate)
+    mixed_precision: str = "no"  # no, bf16, fp16 (Accelerate); auto: bf16 where native (diffcap.precision)
     eval_every: int = 500
     eval_images: int = 100  # validation subset for CIDEr
     save_every: int = 1000
@@ -315,9 +316,9 @@ CHOICES = {  # (section, key) -> the values allowed
     ("diffusion", "timestep_sampler"): ("uniform", "loss_aware", "warped", "grid"),
     ("sampler", "method"): ("ddim", "ddpm", "refine", "mask_predict"),
     ("sampler", "length"): ("free", "expected"),
-    ("sampler", "precision"): ("fp32", "bf16"),
+    ("sampler", "precision"): ("fp32", "bf16", "auto"),
     ("train", "lr_schedule"): ("linear", "cosine", "constant"),
-    ("train", "mixed_precision"): ("no", "bf16", "fp16"),
+    ("train", "mixed_precision"): ("no", "bf16", "fp16", "auto"),
 }
 
 

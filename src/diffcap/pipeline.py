@@ -13,6 +13,7 @@ from .caching import cached_while_unchanged
 from .config import Config, ConfigError, SamplerConfig, check_guidance, validate_sampler
 from .models.base import Captioner
 from .models.conditioning import feature_shape
+from .precision import sampling_in_bf16
 from .text.tokenizer import CaptionTokenizer
 from .training.rundir import RunDir, RunDirError
 
@@ -104,12 +105,13 @@ class CaptionPipeline:
         for this call only; one the model does not use (steps= for an autoregressive run) is an error."""
         self.check_features(features)
         sampler_cfg = self.sampler_config(seed=seed, **sampler_overrides)
-        model = self._model_for(sampler_cfg.precision)
+        bf16 = sampling_in_bf16(sampler_cfg.precision, self.device)
+        model = self._model_for("bf16" if bf16 else "fp32")
         classifier = self.classifier(sampler_cfg.classifier_path) if sampler_cfg.classifier_scale > 0 else None
         generator = torch.Generator(self.device).manual_seed(sampler_cfg.seed)
         texts: list[str] = []
         trajs: list[list[tuple[int, str]]] = []
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=sampler_cfg.precision == "bf16"):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
             for start in range(0, len(features), batch_size):
                 out = model.generate(
                     features[start : start + batch_size].to(self.device),
@@ -144,7 +146,7 @@ class CaptionPipeline:
             check_guidance(sampler_cfg, self.cfg.diffusion)
         return sampler_cfg
 
-    def _model_for(self, precision: str) -> torch.nn.Module:
+    def _model_for(self, precision: str) -> torch.nn.Module:  # precision: fp32 or bf16, as resolved
         """The model to caption with. For bf16, a copy whose nn.Linear weights are stored in bfloat16:
         autocast would otherwise cast every weight again at every call, a fifth of a batch-1 caption's
         time (BENCHMARKS.md). The copy is remade whenever the weights or buffers change (a pipeline

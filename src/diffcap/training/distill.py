@@ -28,6 +28,7 @@ import torch
 from ..config import ConfigError
 from ..data.contract import CaptionRecord, DataError, FeatureStore, check_ids, read_captions, write_captions
 from ..pipeline import CaptionPipeline
+from ..precision import sampling_in_bf16
 
 
 def distill_captions(
@@ -101,7 +102,7 @@ def beam_captions(
             f"teacher and beam_size >= {k} (got beam_size={sampler.beam_size})"
         )
     out: list[list[str]] = []
-    autocast = torch.autocast(pipe.device.type, dtype=torch.bfloat16, enabled=sampler.precision == "bf16")
+    autocast = torch.autocast(pipe.device.type, dtype=torch.bfloat16, enabled=sampling_in_bf16(sampler.precision, pipe.device))
     with torch.no_grad(), autocast:
         for start in range(0, len(features), batch_size):
             batch = features[start : start + batch_size].to(pipe.device)
