@@ -79,6 +79,39 @@ def test_unrolled_examples_learn_from_the_ddim_step_of_the_first_estimate(featur
     torch.testing.assert_close(self_cond, first)
 
 
+def test_self_conditioning_first_pass_runs_on_the_examples_that_read_it(feature_data, tmp_path):
+    """Bit Diffusion feeds the first estimate back to half of the examples: the no-gradient pass runs on
+    those rows only, and the trained pass sees its estimate there and zeros elsewhere."""
+    from conftest import small_config
+
+    from diffcap.data.contract import FeatureStore
+    from diffcap.training import Trainer
+
+    cfg = small_config(feature_data, steps=1)
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.train(resume=False)
+    model = trainer.accelerator.unwrap_model(trainer.model).eval()  # no dropout: passes are comparable
+    calls = []
+
+    def spy(x_t, t, cond, self_cond=None, drop_cond=None, return_logits=False):
+        out = original(x_t, t, cond, self_cond, drop_cond, return_logits=return_logits)
+        calls.append((x_t, t, cond, self_cond, out[0] if return_logits else out))
+        return out
+
+    original, model.forward = model.forward, spy
+    names = [f"img{i}" for i in range(8)]
+    ids = trainer.tokenizer.encode([f"caption {i}" for i in range(8)])
+    feats = FeatureStore.open(feature_data / "features.safetensors").get(names)
+    torch.manual_seed(3)
+    model.training_losses(ids, feats)
+    (x_first, t_first, _, sc_first, first), (x_t, t, _, self_cond, _) = calls
+    used = self_cond.abs().sum(dim=(1, 2)) > 0
+    assert 0 < len(x_first) == int(used.sum()) < 8 and sc_first is None
+    torch.testing.assert_close(x_first, x_t[used])
+    torch.testing.assert_close(self_cond[used], model.diffusion.predict_x0(first, x_first, t_first))
+    assert torch.equal(self_cond[~used], torch.zeros_like(self_cond[~used]))
+
+
 def test_training_with_unroll_and_grid_timesteps_still_overfits(feature_data, tmp_path):
     from conftest import CAPTIONS, small_config
 

@@ -152,23 +152,31 @@ class GaussianDiffusion(nn.Module):
             x_first = torch.where(unroll[:, None, None], self.q_sample(x0, t_top, eps), x_t)
             t_first = torch.where(unroll, t_top, t)
             t_first_net = t_first if masked is None else torch.where(unroll[:, None], t_top[:, None], t_net)
+        # Bit Diffusion's self-conditioning feeds the first estimate back in for half of the examples;
+        # unrolled examples always get it, as their sampler step always has the previous estimate.
+        use = None
+        if core.cfg.self_condition:
+            use = rand() < 0.5
+            if unroll is not None:
+                use = use | unroll
+        elif unroll is not None:
+            use = unroll
         first = None
-        if core.cfg.self_condition or unroll is not None:
-            with torch.no_grad():
-                first = self.predict_x0(model(x_first, t_first_net, cond, None, drop), x_first, t_first)
+        if use is not None:
+            # The first pass runs on the examples that read it only: for the others it would be thrown
+            # away, and on the full batch it costs a third of a training step.
+            rows = use.nonzero().squeeze(1)
+            first = torch.zeros_like(x0)
+            if len(rows):
+                with torch.no_grad():
+                    out_first = model(x_first[rows], t_first_net[rows], cond[rows], None, drop[rows])
+                    first[rows] = self.predict_x0(out_first, x_first[rows], t_first[rows]).to(first.dtype)
         if unroll is not None:
             x_t = torch.where(
                 unroll[:, None, None], self.unrolled_x_t(core.embedding.clamp(first), x_first, t_first, t), x_t
             )
 
-        self_cond = None
-        if core.cfg.self_condition:
-            # Bit Diffusion: half the time feed the first estimate back in; always for unrolled examples,
-            # whose sampler step always has the previous estimate.
-            use = rand() < 0.5
-            if unroll is not None:
-                use = use | unroll
-            self_cond = torch.where(use[:, None, None], first, torch.zeros_like(first)).detach()
+        self_cond = first.detach() if core.cfg.self_condition else None  # zeros where unused
 
         out, logits = model(x_t, t_net, cond, self_cond, drop, return_logits=True)
         if self.vlb is not None:  # the variational bound's term at t, whatever the objective
