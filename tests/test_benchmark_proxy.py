@@ -146,6 +146,13 @@ def test_end_to_end_all_methods(tmp_path, monkeypatch):
     assert 1 <= saved["autoregressive"]["nfe"] <= 20
     assert [row["steps"] for row in saved["diffusion_by_steps"]] == [2]
     assert saved["matmul_gflops"]["float32"] > 0 and saved["matmul_gflops"]["bfloat16"] > 0
+    # precision "auto": bf16 only where this CPU has it natively, and the record says which it took
+    native = saved["matmul_gflops"]["native_bf16_cpu"]
+    assert saved["configs"]["diffusion"]["train"]["mixed_precision"] == "auto"
+    assert saved["matmul_gflops"]["training_mixed_precision"] == ("bf16" if native else "no")
+    assert saved["matmul_gflops"]["sampling_dtype"] == ("bfloat16 autocast" if native else "float32")
+    # the student trains without self-conditioning and dropout (short of steps, not of regularisation)
+    assert not student_model["self_condition"] and student_model["dropout"] == 0.0
     assert saved["split"] == "dev" and saved["configs"]["diffusion"]["model"]["d_model"] == 32
     # Caption #0 ("a dog runs on the grass .") equals reference #1 once the PTB tokenizer has lower-cased
     # it and dropped the punctuation, so the human baseline is an exact match: BLEU-4 = ROUGE_L = 1.
