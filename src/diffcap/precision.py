@@ -13,8 +13,19 @@ from __future__ import annotations
 import logging
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 
 log = logging.getLogger(__name__)
+
+
+def training_device() -> torch.device:
+    """The device an ``Accelerator`` in this process trains on, known before it is built (its precision
+    is fixed at construction). ``PartialState`` is the process state Accelerator builds on, and the
+    first one built is shared by all later ones: it must read ``ACCELERATE_USE_CPU`` as
+    ``AcceleratorState`` does, or a multi-process CPU launch initialises as single-process and every
+    rank believes it is the main one."""
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).device
 
 
 def native_bf16(device: torch.device | str) -> bool:

@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import PartialState
 from torch.nn import functional as F
 
 from ..config import Config, ConfigError, apply_override, validate
@@ -51,7 +50,7 @@ from ..data.layouts import FLICKR8K_SPLITS, Layout, read_layout
 from ..evaluation.metrics import coco_metrics, write_coco_results
 from ..io import write_json
 from ..pipeline import CaptionPipeline
-from ..precision import native_bf16, sampling_in_bf16, training_precision
+from ..precision import native_bf16, sampling_in_bf16, training_device, training_precision
 from .budget import reset_accelerate, train_to_budget
 from .timing import latency, machine_info, matmul_gflops, peak_rss_mib, throughput
 
@@ -589,7 +588,8 @@ def run_proxy(opts: ProxyOptions) -> dict:
     results["matmul_gflops"] = machine_matmul(configs["diffusion"]) | {
         "sampling_dtype": sampling_dtype,
         "training_mixed_precision": training_precision(
-            configs["diffusion"].train.mixed_precision, PartialState().device  # the device Trainer takes
+            configs["diffusion"].train.mixed_precision,
+            training_device(),  # the device Trainer takes
         ),
         "native_bf16_cpu": native_bf16(cpu),
     }

@@ -102,7 +102,9 @@ def beam_captions(
             f"teacher and beam_size >= {k} (got beam_size={sampler.beam_size})"
         )
     out: list[list[str]] = []
-    autocast = torch.autocast(pipe.device.type, dtype=torch.bfloat16, enabled=sampling_in_bf16(sampler.precision, pipe.device))
+    autocast = torch.autocast(
+        pipe.device.type, dtype=torch.bfloat16, enabled=sampling_in_bf16(sampler.precision, pipe.device)
+    )
     with torch.no_grad(), autocast:
         for start in range(0, len(features), batch_size):
             batch = features[start : start + batch_size].to(pipe.device)

@@ -18,7 +18,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
@@ -40,7 +40,7 @@ from ..io import atomic_output, read_jsonl_log
 from ..models.autoregressive import AutoregressiveCaptioner
 from ..models.factory import build_model
 from ..models.prenorm_body import copy_teacher
-from ..precision import training_precision
+from ..precision import training_device, training_precision
 from ..text.tokenizer import CaptionTokenizer
 from .rundir import RunDir, TrainingState
 from .validation import NonFiniteCheck, Validator
@@ -218,8 +218,7 @@ class Trainer:
         # A budgeted run's re-planner (diffcap.experiments.budget.Replan), which may revise train.steps
         # (and with it the learning-rate schedule, which reads train.steps at every step).
         self.replan = replan
-        # PartialState is the process state Accelerator itself builds on: the device it will train on.
-        precision = training_precision(cfg.train.mixed_precision, PartialState().device)
+        precision = training_precision(cfg.train.mixed_precision, training_device())
         self.accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.train.grad_accum)
         acc = self.accelerator
         set_seed(cfg.train.seed)
