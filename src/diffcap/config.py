@@ -176,7 +176,7 @@ class SamplerConfig:
     beam_size: int = field(default=1, metadata={"flag": "--beam"})  # autoregressive model: 1 = greedy
     # Matmuls in bfloat16 (torch.autocast) while captioning, for both model kinds: on CPUs with bf16
     # instructions (AVX512-BF16, AMX) and on GPUs they run several times faster than fp32, on an
-    # AVX2-only CPU ~90x slower. "auto": bf16 where the device has it natively (diffcap.precision).
+    # AVX2-only CPU over 100x slower. "auto": bf16 where the device has it natively (diffcap.precision).
     precision: str = "fp32"
 
 

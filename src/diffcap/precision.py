@@ -3,7 +3,7 @@
 bf16 autocast is a large speed-up where the device has bf16 arithmetic (GPUs since Ampere; CPUs with
 AVX512/AVX512-BF16/AMX, which oneDNN uses) and a large slow-down where it has not: on an AVX2-only CPU
 (AMD EPYC, seen on the diffcap benchmark machines) a bf16 matmul of the denoiser's feed-forward shape ran
-at 1 GFLOP/s against 87 in fp32, so a 12-minute training budget fitted 26 steps instead of ~1,500
+at 1.0 GFLOP/s against 163 in fp32, so the proxy's 6-minute teacher budget fitted 26 steps instead of ~1,400
 (BENCHMARKS.md, "Session 12"). ``train.mixed_precision=auto`` and ``sampler.precision=auto`` ask for
 bf16 where it is fast and full precision elsewhere; explicit ``bf16`` is always honoured.
 """

@@ -76,7 +76,7 @@ TABLE_COLUMNS = ("BLEU-4", "METEOR", "ROUGE_L", "CIDEr", "latency_b1_s", "throug
 # Settings as config overrides: the common ones, then the model's own, then the caller's. text.tokenizer
 # and data.* are set at run time. Both models have the same size and optimiser and use bf16 matmuls
 # for training and captioning where the machine computes bf16 natively, fp32 elsewhere ("auto",
-# diffcap.precision: on an AVX2-only CPU bf16 is ~90x slower than fp32).
+# diffcap.precision: on an AVX2-only CPU bf16 is over 100x slower than fp32).
 COMMON_SETTINGS = (
     "text.max_length=20",
     "model.d_model=256",
