@@ -32,6 +32,7 @@ from diffcap.data.contract import DataError  # noqa: E402
 from diffcap.experiments.proxy import (  # noqa: E402
     DISTILL_BEAM,
     DISTILL_CAPTIONS,
+    DISTILL_CONDITION_NOISE,
     DISTILL_SHARE,
     METHODS,
     ProxyOptions,
@@ -98,6 +99,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=DISTILL_CAPTIONS,
         help="teacher captions per training image: the best k distinct hypotheses of its beam (k <= beam)",
     )
+    p.add_argument(
+        "--distill-noisy-copies",
+        type=int,
+        default=None,
+        help="the teacher also captions this many noise-perturbed copies of each training condition "
+        "(default: one per 12 minutes of --budget-min beyond the first 12: none at 12, 2 at 36)",
+    )
+    p.add_argument(
+        "--distill-condition-noise",
+        type=float,
+        default=DISTILL_CONDITION_NOISE,
+        help="noise std per feature of those copies (the conditions are unit-norm MiniLM embeddings)",
+    )
     p.add_argument("--steps-list", nargs="+", default=["1,2,3,5,10,20,50"], help="diffusion sampling steps to sweep")
     args = p.parse_args(argv)
     args.methods = _split_list(args.methods)
@@ -114,6 +128,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--distill-beam must be positive")
     if not 1 <= args.distill_captions <= args.distill_beam:
         p.error("--distill-captions must be in 1..--distill-beam")
+    if (args.distill_noisy_copies or 0) < 0 or args.distill_condition_noise <= 0:
+        p.error("--distill-noisy-copies must be >= 0 and --distill-condition-noise positive")
     if not 0 <= args.distill_share < 1:
         p.error("--distill-share must be in [0, 1)")
     if args.budget_min <= 0:
@@ -147,6 +163,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             distill_share=args.distill_share,
             distill_beam=args.distill_beam,
             distill_captions=args.distill_captions,
+            distill_noisy_copies=args.distill_noisy_copies,
+            distill_condition_noise=args.distill_condition_noise,
             steps_list=args.steps_list,
             command=command,
         )

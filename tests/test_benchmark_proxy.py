@@ -98,6 +98,7 @@ def test_end_to_end_all_methods(tmp_path, monkeypatch):
             steps_list=[2],
             distill_share=0.25,
             distill_captions=2,
+            distill_noisy_copies=1,
             diffusion_set=[*TINY, "model.emb_dim=16", "sampler.steps=2"],
             ar_set=TINY,
         )
@@ -140,7 +141,11 @@ def test_end_to_end_all_methods(tmp_path, monkeypatch):
     student_model = saved["configs"]["diffusion"]["model"]
     assert distilled["student_from_teacher"] and student_model["body"] == "prenorm"
     assert student_model["init_from"].endswith("diffusion-teacher")
-    assert distilled["captions_per_image"] == 2 and distilled["captioning"]["teacher_captions"] >= 12
+    assert distilled["captions_per_image"] == 2 and distilled["captioning"]["teacher_captions"] >= 24
+    # one noisy copy of each training condition, captioned too, and the student reads the copies' features
+    assert distilled["noisy_copies"] == saved["distill_noisy_copies"] == 1
+    assert distilled["captioning"]["noisy_captions"] == 12 and distilled["condition_noise"] == 0.025
+    assert saved["configs"]["diffusion"]["data"]["features"].endswith("captions_distilled_features.safetensors")
     assert distilled["beam"] == 3 and {"BLEU-4", "CIDEr"} <= saved["diffusion_teacher"].keys()
     assert {"BLEU-4", "CIDEr"} <= saved["diffusion_without_collapse"].keys()
     assert 1 <= saved["autoregressive"]["nfe"] <= 20
@@ -168,6 +173,14 @@ def test_end_to_end_all_methods(tmp_path, monkeypatch):
     work = next((tmp_path / "work" / "data").iterdir())
     assert (work / "proxy_captions.jsonl").is_file() and (work / "features.safetensors").is_file()
     assert json.loads((work / "prepare.json").read_text())["condition"] == "text"
+
+
+def test_noisy_copies_grow_with_the_budget_beyond_24_minutes():
+    """By default the teacher captions one noisy copy per training condition per 12 minutes of budget
+    beyond the first twelve: none at the default 12 minutes, 2 at the scaling run's 36."""
+    from diffcap.experiments.proxy import default_noisy_copies
+
+    assert [default_noisy_copies(m) for m in (0.2, 12, 23.9, 24, 35.9, 36, 60)] == [0, 0, 0, 1, 1, 2, 4]
 
 
 def test_prepare_only_writes_the_sweep_data_folder(tmp_path):

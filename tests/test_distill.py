@@ -114,3 +114,44 @@ def test_several_beam_hypotheses_per_image(feature_data, teacher, tmp_path):
     assert summary["teacher_captions"] == len(written) > len(train_ids)
     with pytest.raises(ConfigError, match="beam_size >= 3"):
         distill_captions(teacher, captions, features, tmp_path / "bad.jsonl", captions_per_image=3, beam_size=1)
+
+
+def test_noisy_copies_are_new_conditions_with_the_teachers_own_captions(feature_data, teacher, tmp_path, capsys):
+    """noisy_copies=n captions n noise-perturbed copies of every training condition: each copy is a new item
+    at the original's norm, written with every original item to a features file the student trains on,
+    and carries the teacher's caption of that copy."""
+    import torch
+    from torch.nn.functional import cosine_similarity
+
+    from diffcap.config import ConfigError
+    from diffcap.training.distill import perturbed_conditions
+
+    captions, features = feature_data / "captions.jsonl", feature_data / "features.safetensors"
+    out = tmp_path / "noisy.jsonl"
+    summary = distill_captions(teacher, captions, features, out, noisy_copies=2, condition_noise=0.5, seed=3)
+    source, written = FeatureStore.open(features), FeatureStore.open(summary["features"])
+    train_ids = [r.image_id for r in read_captions(captions) if r.split == "train"]
+    noisy_ids = [f"{i}~noise{k}" for k in range(2) for i in train_ids]
+    assert torch.equal(written.get(source.ids), source.get(source.ids))  # every original item, unchanged
+    noisy, originals = written.get(noisy_ids), source.get(train_ids).repeat(2, 1)
+    assert torch.equal(noisy, perturbed_conditions(source.get(train_ids), 2, 0.5, seed=3))
+    torch.testing.assert_close(noisy.norm(dim=-1), originals.norm(dim=-1))
+    cosine = cosine_similarity(noisy, originals, dim=-1)
+    assert (cosine < 0.999).all() and (cosine > 0.5).all()
+    assert summary["noisy_cosine"] == pytest.approx(float(cosine.mean()), abs=1e-6)
+    assert not torch.equal(noisy[:8], noisy[8:])  # two different copies, not one twice
+
+    by_id = {r.image_id: r.caption for r in read_captions(out) if r.split == "train"}
+    assert [by_id[i] for i in noisy_ids] == CaptionPipeline.from_pretrained(teacher)(noisy).texts
+    assert summary["noisy_captions"] == 16 and summary["teacher_captions"] == 24 and summary["empty"] == 0
+
+    student = small_config(feature_data, steps=4)
+    student.data.captions, student.data.features = str(out), summary["features"]
+    Trainer(student, tmp_path / "student").train(resume=False)  # the captions and features agree
+
+    for bad in ({"noisy_copies": 1}, {"condition_noise": 0.1}, {"noisy_copies": -1, "condition_noise": 0.1}):
+        with pytest.raises(ConfigError, match="noisy copies need a positive noise level"):
+            distill_captions(teacher, captions, features, tmp_path / "bad.jsonl", **bad)
+    argv = ["distill", "--teacher", str(teacher), "--data", str(feature_data), "--out", str(tmp_path / "cli.jsonl")]
+    assert main([*argv, "--noisy-copies", "1", "--condition-noise", "0.5"]) == 0
+    assert f"data.features={tmp_path / 'cli_features.safetensors'}" in capsys.readouterr().out

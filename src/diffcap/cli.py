@@ -207,10 +207,13 @@ def cmd_distill(args) -> None:
         batch_size=args.batch_size,
         device=args.device,
         captions_per_image=args.captions_per_image,
+        noisy_copies=args.noisy_copies,
+        condition_noise=args.condition_noise,
+        seed=args.seed,
         **overrides,
     )
     print(json.dumps(summary, indent=2))
-    print(f"train on it with data.captions={args.out} data.features={features}")
+    print(f"train on it with data.captions={args.out} data.features={summary['features']}")
 
 
 def cmd_diagnose(args) -> None:
@@ -388,6 +391,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="the best k distinct hypotheses of the teacher's beam search per image (needs --beam >= k)",
     )
+    p.add_argument(
+        "--noisy-copies",
+        type=int,
+        default=0,
+        help="also caption this many noise-perturbed copies of each image's condition (needs --condition-noise); "
+        "writes OUT's stem + _features.safetensors with the copies",
+    )
+    p.add_argument("--condition-noise", type=float, default=0.0, help="noise std per feature of the noisy copies")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noisy copies")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_distill)

@@ -63,6 +63,13 @@ DISTILL_SHARE = 0.5
 DISTILL_BEAM = 3
 # Captions per training image: the best k distinct hypotheses of the teacher's beam (diffcap.training.distill).
 DISTILL_CAPTIONS = 1
+# Noise-perturbed copies of each training condition that the teacher also captions (diffcap.training.distill):
+# by default one per 12 minutes of budget beyond the first twelve (default_noisy_copies), so that the student
+# sees its captions about as often as at 12 minutes (~15 passes). At 36 minutes without copies it made 39
+# passes, ended at loss 0.35 and reached 86% of its teacher; with two copies the same teacher's student
+# scored 0.04 CIDEr more at 5 steps. At 12 minutes one copy cost 0.02: its captioning time comes out of a
+# student that is short of steps (BENCHMARKS.md, "Session 14").
+DISTILL_CONDITION_NOISE = 0.025  # per feature of a unit 384-wide MiniLM embedding: cosine ~0.90 to the original
 # The student's denoiser has the teacher's pre-norm blocks and starts from its weights: blocks, positions,
 # condition projection and output head (model.body=prenorm, model.init_from; models/prenorm_body.py).
 # In the session-11 screen at equal wall time it gained 0.032-0.047 CIDEr at 1-10 steps over the BERT
@@ -123,6 +130,12 @@ SETTINGS = {
     ),
     "autoregressive": COMMON_SETTINGS + ("model.kind=autoregressive", "sampler.beam_size=1"),
 }
+
+
+def default_noisy_copies(budget_min: float) -> int:
+    """The proxy's noisy copies per training condition for a budget: none up to 24 minutes, then one per
+    12 minutes beyond the first twelve (2 at the scaling run's 36)."""
+    return max(0, int(budget_min // 12) - 1)
 
 
 def say(message: str) -> None:
@@ -314,6 +327,8 @@ def train_distilled(
     runs: Path,
     beam: int = DISTILL_BEAM,
     captions_per_image: int = DISTILL_CAPTIONS,
+    noisy_copies: int = 0,
+    condition_noise: float = DISTILL_CONDITION_NOISE,
 ) -> tuple[Path, dict]:
     """Sequence-level distillation inside one budget (diffcap.training.distill): an autoregressive teacher
     trains for ``share`` of it, captions the training images, and the diffusion captioner trains on those
@@ -335,10 +350,13 @@ def train_distilled(
         split=cfg.data.train_split,
         beam_size=beam,
         captions_per_image=captions_per_image,
+        noisy_copies=noisy_copies,
+        condition_noise=condition_noise if noisy_copies else 0.0,
+        seed=cfg.train.seed,
     )
     say(f"diffusion: {summary['teacher_captions']} teacher captions in {summary['captioning_s']:.1f} s")
     student_cfg = copy.deepcopy(cfg)
-    student_cfg.data.captions = str(distilled)
+    student_cfg.data.captions, student_cfg.data.features = str(distilled), summary["features"]
     if STUDENT_FROM_TEACHER:
         student_cfg.model.body, student_cfg.model.init_from = "prenorm", str(teacher_dir)
     left_s = budget_s - teacher["train_s"] - summary["captioning_s"]
@@ -350,6 +368,8 @@ def train_distilled(
         "share": share,
         "beam": beam,
         "captions_per_image": captions_per_image,
+        "noisy_copies": noisy_copies,
+        "condition_noise": condition_noise if noisy_copies else None,
         "student_from_teacher": STUDENT_FROM_TEACHER,
         "teacher": teacher,
         "captioning": summary,
@@ -538,6 +558,8 @@ class ProxyOptions:
     distill_share: float = DISTILL_SHARE
     distill_beam: int = DISTILL_BEAM
     distill_captions: int = DISTILL_CAPTIONS
+    distill_noisy_copies: int | None = None  # None: default_noisy_copies(budget_min)
+    distill_condition_noise: float = DISTILL_CONDITION_NOISE
     steps_list: Sequence[int] = (1, 2, 3, 5, 10, 20, 50)
     command: str = ""
 
@@ -555,6 +577,9 @@ def run_proxy(opts: ProxyOptions) -> dict:
             f"--steps-list {bad} exceeds diffusion.num_timesteps={configs['diffusion'].diffusion.num_timesteps}"
         )
     eval_data = opts.eval_data or opts.data
+    noisy_copies = (
+        default_noisy_copies(opts.budget_min) if opts.distill_noisy_copies is None else opts.distill_noisy_copies
+    )
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     out_dir = opts.out.parent
     rss: dict[str, float] = {}
@@ -615,6 +640,8 @@ def run_proxy(opts: ProxyOptions) -> dict:
                     runs,
                     opts.distill_beam,
                     opts.distill_captions,
+                    noisy_copies,
+                    opts.distill_condition_noise,
                 )
             else:
                 say(f"{name}: training for {opts.budget_min:g} min")
@@ -661,6 +688,8 @@ def run_proxy(opts: ProxyOptions) -> dict:
         "distill_share": opts.distill_share,
         "distill_beam": opts.distill_beam,
         "distill_captions": opts.distill_captions,
+        "distill_noisy_copies": noisy_copies,
+        "distill_condition_noise": opts.distill_condition_noise if noisy_copies else None,
         "configs": trained,
     }
     write_json(opts.out, results)
