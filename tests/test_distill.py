@@ -8,7 +8,7 @@ import pytest
 from conftest import CAPTIONS, small_config
 
 from diffcap.cli import main
-from diffcap.data.contract import DataError, FeatureStore, read_captions
+from diffcap.data.contract import DataError, FeatureStore, read_captions, write_features
 from diffcap.pipeline import CaptionPipeline
 from diffcap.training import Trainer
 from diffcap.training.distill import distill_captions
@@ -152,6 +152,10 @@ def test_noisy_copies_are_new_conditions_with_the_teachers_own_captions(feature_
     for bad in ({"noisy_copies": 1}, {"condition_noise": 0.1}, {"noisy_copies": -1, "condition_noise": 0.1}):
         with pytest.raises(ConfigError, match="noisy copies need a positive noise level"):
             distill_captions(teacher, captions, features, tmp_path / "bad.jsonl", **bad)
+    pixels = tmp_path / "pixels.safetensors"
+    write_features(pixels, {i: torch.zeros(3, 4, 4, dtype=torch.uint8) for i in source.ids})
+    with pytest.raises(ConfigError, match=r"pixels.safetensors: holds pixels"):
+        distill_captions(teacher, captions, pixels, tmp_path / "bad.jsonl", noisy_copies=1, condition_noise=0.1)
     argv = ["distill", "--teacher", str(teacher), "--data", str(feature_data), "--out", str(tmp_path / "cli.jsonl")]
     assert main([*argv, "--noisy-copies", "1", "--condition-noise", "0.5"]) == 0
     assert f"data.features={tmp_path / 'cli_features.safetensors'}" in capsys.readouterr().out

@@ -87,13 +87,12 @@ def distill_captions(
     store = FeatureStore.open(features)
     check_ids(records, store, captions)
 
+    if noisy_copies and store.spec.is_pixels:
+        raise ConfigError(f"{features}: holds pixels; noisy copies perturb feature vectors (encode the images first)")
     pipe = CaptionPipeline.from_pretrained(teacher, device=device)
     originals = store.get(ids)
     noisy = perturbed_conditions(originals, noisy_copies, condition_noise, seed)
     noisy_ids = [f"{i}~noise{k}" for k in range(noisy_copies) for i in ids]
-    clash = store.missing(noisy_ids) != noisy_ids
-    if clash:
-        raise DataError(f"{features}: already has items named <image id>~noise<k>; noisy copies would shadow them")
     start = time.perf_counter()
     if captions_per_image == 1:
         texts = [[t] for t in pipe(originals, batch_size=batch_size, **sampler_overrides).texts]
