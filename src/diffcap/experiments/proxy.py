@@ -67,7 +67,8 @@ DISTILL_CAPTIONS = 1
 # by default one per 12 minutes of budget beyond the first twelve (default_noisy_copies), so that the student
 # sees its captions about as often as at 12 minutes (~15 passes). At 36 minutes without copies it made 39
 # passes and ended at loss 0.21-0.35; with two copies the same teacher's student scored 0.647 CIDEr
-# at 5 steps instead of 0.601. At 12 minutes one copy cost 0.02: its captioning time comes out of a
+# at 5 steps instead of 0.601 (one end-to-end run with its own teacher: 0.619, against session 13's 0.609
+# without copies). At 12 minutes one copy cost 0.02: its captioning time comes out of a
 # student that is short of steps (BENCHMARKS.md, "Session 14").
 DISTILL_CONDITION_NOISE = 0.025  # per feature of a unit 384-wide MiniLM embedding: cosine ~0.90 to the original
 # The student's denoiser has the teacher's pre-norm blocks and starts from its weights: blocks, positions,
