@@ -93,13 +93,12 @@ def distill_captions(
     originals = store.get(ids)
     noisy = perturbed_conditions(originals, noisy_copies, condition_noise, seed)
     noisy_ids = [f"{i}~noise{k}" for k in range(noisy_copies) for i in ids]
+    conditions = torch.cat([originals, noisy])  # the originals first, then the copies, as ids + noisy_ids
     start = time.perf_counter()
     if captions_per_image == 1:
-        texts = [[t] for t in pipe(originals, batch_size=batch_size, **sampler_overrides).texts]
-        texts += [[t] for t in pipe(noisy, batch_size=batch_size, **sampler_overrides).texts] if noisy_copies else []
+        texts = [[t] for t in pipe(conditions, batch_size=batch_size, **sampler_overrides).texts]
     else:
-        texts = beam_captions(pipe, originals, captions_per_image, batch_size, **sampler_overrides)
-        texts += beam_captions(pipe, noisy, captions_per_image, batch_size, **sampler_overrides) if noisy_copies else []
+        texts = beam_captions(pipe, conditions, captions_per_image, batch_size, **sampler_overrides)
     seconds = time.perf_counter() - start
 
     taught = {
