@@ -112,6 +112,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=DISTILL_CONDITION_NOISE,
         help="noise std per feature of those copies (the conditions are unit-norm MiniLM embeddings)",
     )
+    p.add_argument(
+        "--validate-images",
+        type=int,
+        default=None,
+        help="hold out the last N training images; each method (and the teacher) keeps the weights of its best "
+        "of 10 validations on them (default: none up to 24 minutes of --budget-min, 300 beyond)",
+    )
     p.add_argument("--steps-list", nargs="+", default=["1,2,3,5,10,20,50"], help="diffusion sampling steps to sweep")
     args = p.parse_args(argv)
     args.methods = _split_list(args.methods)
@@ -130,6 +137,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--distill-captions must be in 1..--distill-beam")
     if (args.distill_noisy_copies or 0) < 0 or args.distill_condition_noise <= 0:
         p.error("--distill-noisy-copies must be >= 0 and --distill-condition-noise positive")
+    if (args.validate_images or 0) < 0:
+        p.error("--validate-images must be >= 0")
     if not 0 <= args.distill_share < 1:
         p.error("--distill-share must be in [0, 1)")
     if args.budget_min <= 0:
@@ -165,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             distill_captions=args.distill_captions,
             distill_noisy_copies=args.distill_noisy_copies,
             distill_condition_noise=args.distill_condition_noise,
+            validate_images=args.validate_images,
             steps_list=args.steps_list,
             command=command,
         )

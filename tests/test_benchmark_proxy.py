@@ -175,6 +175,50 @@ def test_end_to_end_all_methods(tmp_path, monkeypatch):
     assert json.loads((work / "prepare.json").read_text())["condition"] == "text"
 
 
+def test_validation_on_held_out_training_images_picks_each_models_best(tmp_path, monkeypatch):
+    """--validate-images N: the last N training images are held out from every method's training (the
+    teacher's too) and each run, teacher included, stands by the weights of its best validation on them."""
+    import diffcap.experiments.budget
+    from diffcap.data.contract import read_captions
+    from diffcap.experiments.proxy import default_validate_images
+
+    monkeypatch.setattr(diffcap.experiments.budget, "CALIBRATION_STEPS", 8)
+    monkeypatch.setattr(diffcap.experiments.budget, "CALIBRATION_SKIP", 3)
+    data = make_flickr8k(tmp_path / "flickr8k")
+    out = tmp_path / "out" / "results.json"
+    run_proxy(
+        ProxyOptions(
+            data=data,
+            split="dev",
+            out=out,
+            work=tmp_path / "work",
+            budget_min=0.2,
+            methods=["diffusion"],
+            steps_list=[2],
+            distill_share=0.4,
+            validate_images=3,
+            diffusion_set=[*TINY, "model.emb_dim=16", "sampler.steps=2"],
+            ar_set=TINY,
+        )
+    )
+    saved = json.loads(out.read_text())
+    assert saved["validate_images"] == 3 and saved["n_train_images"] == 9
+    held_out = {f"{1000 + i}_abc.jpg" for i in range(9, 12)}  # the last 3 of the 12 training images
+    work = next((tmp_path / "work" / "data").iterdir())
+    splits = {}
+    for r in read_captions(work / "proxy_captions.jsonl"):
+        splits.setdefault(r.split, set()).add(r.image_id)
+    assert splits["val"] == held_out and not splits["train"] & held_out
+    student, distilled = saved["diffusion"], saved["diffusion"]["distillation"]
+    assert distilled["captioning"]["images"] == 9  # the teacher captions only the images it may train on
+    for run in (student, distilled["teacher"]):
+        assert run["run_dir"].endswith("/best") and run["weights"] == "ema, best validation"
+        assert 1 <= run["best"]["step"] <= run["steps"] and 0 <= run["best"]["val/CIDEr"]
+    assert saved["configs"]["diffusion"]["model"]["init_from"].endswith("diffusion-teacher/best")
+    assert saved["configs"]["diffusion"]["train"]["keep_best"]
+    assert [default_validate_images(m) for m in (0.2, 12, 24, 24.5, 36)] == [0, 0, 0, 300, 300]
+
+
 def test_noisy_copies_grow_with_the_budget_beyond_24_minutes():
     """By default the teacher captions one noisy copy per training condition per 12 minutes of budget
     beyond the first twelve: none at the default 12 minutes, 2 at the scaling run's 36."""

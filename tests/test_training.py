@@ -112,6 +112,57 @@ def test_validation_logs_quartile_losses_and_cider(feature_data, tmp_path):
     assert any((tmp_path / "run" / "logs" / "tensorboard").iterdir())
 
 
+def test_keep_best_keeps_the_ema_weights_of_the_best_validation(feature_data, tmp_path, monkeypatch):
+    """train.keep_best: RUN/best holds the EMA weights of the validation with the highest val/CIDEr (here the
+    second of four, scripted), not the last ones; a resumed run does not replace it by a worse score, and
+    a run that starts over sets it aside."""
+    from diffcap.training import validation
+
+    scores = iter([0.2, 0.9, 0.5, 0.1, 0.3, 0.95, 0.05])
+    kept_ema = {}
+
+    def scripted(self, model):
+        kept_ema[len(kept_ema)] = {k: v.clone() for k, v in model.state_dict().items()}
+        return {"val/CIDEr": next(scores)}
+
+    monkeypatch.setattr(validation.Validator, "__call__", scripted)
+    cfg = small_config(feature_data, steps=8)
+    cfg.model.dropout = 0.1  # the EMA and raw weights differ, so the test tells them apart
+    cfg.train.eval_every, cfg.train.save_every, cfg.train.keep_best = 2, 2, True
+    run = tmp_path / "run"
+    Trainer(cfg, run).train(resume=False)
+    assert json.loads((run / "best" / "best.json").read_text()) == {"step": 4, "val/CIDEr": 0.9}
+    best = load_file(run / "best" / "ema.safetensors")
+    for name, value in kept_ema[1].items():
+        torch.testing.assert_close(best[name], value, rtol=0, atol=0)
+    assert any(not torch.equal(best[k], v) for k, v in load_file(run / "ema.safetensors").items())
+    assert CaptionPipeline.from_pretrained(run / "best")(torch.randn(2, 16)).texts  # a loadable run folder
+    # Resumed to 12 steps: 0.3 at step 10 loses to the 0.9 kept, 0.95 at step 12 wins.
+    cfg.train.steps = 10
+    Trainer(cfg, run).train(resume=True)
+    assert json.loads((run / "best" / "best.json").read_text())["step"] == 4
+    cfg.train.steps = 12
+    Trainer(cfg, run).train(resume=True)
+    assert json.loads((run / "best" / "best.json").read_text()) == {"step": 12, "val/CIDEr": 0.95}
+    # A run that starts over sets the earlier run's best aside instead of competing with it.
+    cfg.train.steps = 2
+    Trainer(cfg, run).train(resume=False)
+    assert json.loads((run / "best" / "best.json").read_text()) == {"step": 2, "val/CIDEr": 0.05}
+    assert len(list(run.glob("best.replaced-*"))) == 1
+
+
+def test_keep_best_needs_validation(feature_data):
+    from diffcap.config import ConfigError, validate
+
+    cfg = small_config(feature_data)
+    cfg.train.keep_best = True
+    with pytest.raises(ConfigError, match="train.keep_best.*eval_every"):
+        validate(cfg)
+    cfg.train.eval_every, cfg.data.val_split = 5, "none"
+    with pytest.raises(ConfigError, match="val_split"):
+        validate(cfg)
+
+
 def test_lr_warmup_then_linear_decay_to_final():
     from diffcap.config import TrainConfig
 

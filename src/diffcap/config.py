@@ -199,6 +199,11 @@ class TrainConfig:
     mixed_precision: str = "no"  # no, bf16, fp16 (Accelerate); auto: bf16 where native (diffcap.precision)
     eval_every: int = 500
     eval_images: int = 100  # validation subset for CIDEr
+    # Model selection by early stopping (Prechelt 1998, "Early stopping - but when?"): after each
+    # validation RUN/best/ holds the EMA weights of the one with the highest val/CIDEr so far, a folder
+    # CaptionPipeline.from_pretrained reads like the run. A long run on few captions overfits: at 36
+    # minutes the Flickr8k proxy's AR captioner ended below every 12-minute run (BENCHMARKS.md).
+    keep_best: bool = False
     save_every: int = 1000
     keep_checkpoints: int = 3  # checkpoints/step-N folders kept (the newest; 0 keeps all)
     log_every: int = 50
@@ -449,6 +454,11 @@ def validate(cfg: Config) -> None:
         )
     if cfg.diffusion.timesteps_per_caption < 1:
         raise ConfigError("diffusion.timesteps_per_caption must be >= 1")
+    if cfg.train.keep_best and (cfg.train.eval_every <= 0 or cfg.data.val_split == "none"):
+        raise ConfigError(
+            "train.keep_best picks the best validation: it needs train.eval_every > 0 and a data.val_split "
+            f"(got eval_every={cfg.train.eval_every}, val_split={cfg.data.val_split!r})"
+        )
     if cfg.data.feature_noise_std < 0:
         raise ConfigError(f"data.feature_noise_std must be >= 0, got {cfg.data.feature_noise_std}")
     if not 0.0 <= cfg.diffusion.cond_dropout < 1.0:

@@ -57,7 +57,7 @@ def calibrate(cfg: Config, data, run_dir: Path) -> float:
 
     c = copy.deepcopy(cfg)
     c.train.steps, c.train.log_every, c.train.time_budget_s = CALIBRATION_STEPS, CALIBRATION_SKIP, 0.0
-    c.train.eval_every, c.train.save_every, c.train.progress = 0, 10**9, False
+    c.train.eval_every, c.train.save_every, c.train.progress, c.train.keep_best = 0, 10**9, False, False
     shutil.rmtree(run_dir, ignore_errors=True)
     reset_accelerate()
     Trainer(c, run_dir, data=data).train(resume=False)
@@ -141,17 +141,21 @@ def train_to_budget(
     data=None,
     resume: bool = False,
     checkpoints: int = 0,
+    validations: int = 0,
     say=None,
 ) -> dict:
     """Calibrate, plan ``cfg`` to fit ``budget_s`` seconds (0: train ``cfg.train.steps`` as given), train.
 
     Without ``resume`` the run directory starts empty; with it, training continues from the run's newest
     checkpoint and the plan of ``RUN/plan.json``. ``checkpoints`` > 0 saves that many checkpoints over the
-    run, so a stopped run can resume mid-way. Returns the training record: ``steps``, ``planned_steps``,
+    run, so a stopped run can resume mid-way; ``validations`` > 0 validates that many times over it
+    (train.eval_every; with train.keep_best ``RUN/best`` then holds the best of them).
+    Returns the training record: ``steps``, ``planned_steps``,
     ``train_s`` (this process only, so after a resume not the time before the stop), ``wall_s``,
     ``stopped_by_budget``, ``budget_s``, ``sec_per_step``, ``calibration_wall_s``, ``resumed``,
     ``resumed_at_step``, ``final_loss``, ``params``, ``params_trainable``; with a budget also
-    ``calibrated_steps`` (the first plan; ``planned_steps`` is the last revision) and ``revisions``.
+    ``calibrated_steps`` (the first plan; ``planned_steps`` is the last revision) and ``revisions``;
+    with train.keep_best ``best`` (RUN/best/best.json: the step and val/CIDEr kept).
     """
     from ..training import Trainer, load_training_data
 
@@ -180,6 +184,9 @@ def train_to_budget(
     if checkpoints > 0:
         cfg = copy.deepcopy(cfg)
         cfg.train.save_every = max(1, math.ceil(cfg.train.steps / checkpoints))
+    if validations > 0:
+        cfg = copy.deepcopy(cfg)
+        cfg.train.eval_every = max(1, math.ceil(cfg.train.steps / validations))
     reset_accelerate()
     trainer = Trainer(cfg, run_dir, data=data, replan=replan)
     model = trainer.accelerator.unwrap_model(trainer.model)
@@ -202,6 +209,7 @@ def train_to_budget(
         "params": params,
         "params_trainable": trainable,
         **({"calibrated_steps": plan["calibrated_steps"], "revisions": plan["revisions"]} if replan else {}),
+        **({"best": trainer.run_dir.best_record()} if trainer.cfg.train.keep_best else {}),
     }
     del trainer, model
     gc.collect()

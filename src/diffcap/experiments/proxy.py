@@ -51,6 +51,7 @@ from ..evaluation.metrics import coco_metrics, write_coco_results
 from ..io import write_json
 from ..pipeline import CaptionPipeline
 from ..precision import native_bf16, sampling_in_bf16, training_device, training_precision
+from ..training.rundir import BEST
 from .budget import reset_accelerate, train_to_budget
 from .timing import latency, machine_info, matmul_gflops, peak_rss_mib, throughput
 
@@ -76,6 +77,14 @@ DISTILL_CONDITION_NOISE = 0.025  # per feature of a unit 384-wide MiniLM embeddi
 # In the session-11 screen at equal wall time it gained 0.032-0.047 CIDEr at 1-10 steps over the BERT
 # body from scratch, to which the pre-norm body from scratch lost 0.02-0.06 (BENCHMARKS.md, "Session 11").
 STUDENT_FROM_TEACHER = True
+# Model selection on a held-out part of the training split (train.keep_best): its last VALIDATE_IMAGES
+# images, which no method trains on, scored VALIDATIONS times per run; each method then keeps its best
+# validation, the teacher too. The scored split stays unseen. Only beyond 24 minutes by default
+# (default_validate_images): at 12 minutes neither method overfits (the AR captioner still gained from
+# 6 to 12 minutes), so holding images out would only cost data, while at 36 minutes the AR captioner's
+# last weights fell below every 12-minute run (BENCHMARKS.md, "Session 13").
+VALIDATE_IMAGES = 300
+VALIDATIONS = 10
 LATENCY_IMAGES = 20
 THROUGHPUT_BATCH = 64
 METRIC_KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE_L", "CIDEr")
@@ -137,6 +146,11 @@ def default_noisy_copies(budget_min: float) -> int:
     """The proxy's noisy copies per training condition for a budget: none up to 24 minutes, then one per
     12 minutes beyond the first twelve (2 at the scaling run's 36)."""
     return max(0, int(budget_min // 12) - 1)
+
+
+def default_validate_images(budget_min: float) -> int:
+    """The proxy's held-out validation images for a budget: none up to 24 minutes, then VALIDATE_IMAGES."""
+    return VALIDATE_IMAGES if budget_min > 24 else 0
 
 
 def say(message: str) -> None:
@@ -230,6 +244,19 @@ def load_split_set(
     )
 
 
+def hold_out(train: SplitSet, n: int) -> tuple[SplitSet, SplitSet]:
+    """(the first images of ``train``, its last ``n`` as split "val"): validation that no method trains on."""
+    if not 0 < n < len(train.image_ids):
+        raise ConfigError(f"--validate-images {n}: the training split has {len(train.image_ids)} images")
+    cut = len(train.image_ids) - n
+
+    def part(name: str, rows: slice) -> SplitSet:
+        ids = train.image_ids[rows]
+        return SplitSet(name, ids, train.conditions[rows], {i: train.references[i] for i in ids}, train.features[rows])
+
+    return part("train", slice(0, cut)), part("val", slice(cut, None))
+
+
 def write_contract(folder: Path, splits: Sequence[SplitSet]) -> Path:
     """The training data of the data contract: references #1..#4 of each split (named as given, in
     split-list order) in ``folder/proxy_captions.jsonl``; the features are the prepared ones."""
@@ -300,7 +327,7 @@ def build_config(method: str, overrides: Sequence[str], tokenizer_dir: Path) -> 
 def train_method(cfg: Config, budget_s: float, runs: Path, name: str) -> tuple[Path, dict]:
     """Train ``cfg`` for ``budget_s`` seconds into ``runs/name``; (run dir, the training record)."""
     run_dir = runs / name
-    r = train_to_budget(cfg, budget_s, run_dir, say=say)
+    r = train_to_budget(cfg, budget_s, run_dir, validations=VALIDATIONS if cfg.train.keep_best else 0, say=say)
     info = {
         "train_s": r["train_s"],
         "steps": r["steps"],
@@ -317,6 +344,9 @@ def train_method(cfg: Config, budget_s: float, runs: Path, name: str) -> tuple[P
         "weights": "ema",
         "run_dir": str(run_dir),
     }
+    if cfg.train.keep_best:  # the best validation's weights stand for the method
+        info |= {"weights": "ema, best validation", "best": r["best"], "run_dir": str(run_dir / BEST)}
+        run_dir = run_dir / BEST
     return run_dir, info
 
 
@@ -339,6 +369,7 @@ def train_distilled(
 
     teacher_cfg = copy.deepcopy(teacher_cfg)
     teacher_cfg.data = copy.deepcopy(cfg.data)
+    teacher_cfg.train.keep_best, teacher_cfg.train.eval_images = cfg.train.keep_best, cfg.train.eval_images
     say(f"diffusion: training its distillation teacher for {share * budget_s / 60:g} min")
     teacher_dir, teacher = train_method(teacher_cfg, share * budget_s, runs, "diffusion-teacher")
     say(f"diffusion: the teacher captions the training images (beam {beam})")
@@ -561,6 +592,7 @@ class ProxyOptions:
     distill_captions: int = DISTILL_CAPTIONS
     distill_noisy_copies: int | None = None  # None: default_noisy_copies(budget_min)
     distill_condition_noise: float = DISTILL_CONDITION_NOISE
+    validate_images: int | None = None  # None: default_validate_images(budget_min)
     steps_list: Sequence[int] = (1, 2, 3, 5, 10, 20, 50)
     command: str = ""
 
@@ -581,6 +613,7 @@ def run_proxy(opts: ProxyOptions) -> dict:
     noisy_copies = (
         default_noisy_copies(opts.budget_min) if opts.distill_noisy_copies is None else opts.distill_noisy_copies
     )
+    validate_images = default_validate_images(opts.budget_min) if opts.validate_images is None else opts.validate_images
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     out_dir = opts.out.parent
     rss: dict[str, float] = {}
@@ -589,11 +622,16 @@ def run_proxy(opts: ProxyOptions) -> dict:
     layout = read_layout("flickr8k", opts.data)
     train = load_split_set(opts.data, "train", opts.work, layout=layout)
     ev = load_split_set(eval_data, opts.split, opts.work, opts.max_eval_images, layout if same_folder else None)
-    contract = write_contract(
-        cache_folder(opts.work, opts.data), [train] + ([ev] if same_folder and opts.split != "train" else [])
-    )
+    val = None
+    if validate_images:
+        train, val = hold_out(train, validate_images)
+    scored = [ev] if same_folder and opts.split != "train" else []
+    contract = write_contract(cache_folder(opts.work, opts.data), [train] + ([val] if val else []) + scored)
     rss["data"] = peak_rss_mib()
-    say(f"train: {len(train.image_ids)} images; {opts.split}: {len(ev.image_ids)} images scored")
+    say(
+        f"train: {len(train.image_ids)} images; {opts.split}: {len(ev.image_ids)} images scored"
+        + (f"; val: {len(val.image_ids)} training images held out to pick each method's best weights" if val else "")
+    )
     if opts.prepare_only:
         prepare_sweep_data(opts.prepare_only, train, ev, configs["diffusion"], tokenizer_dir)
         return {}
@@ -632,6 +670,8 @@ def run_proxy(opts: ProxyOptions) -> dict:
             cfg.data.features = str(contract.parent / "features.safetensors")
             cfg.data.train_split = "train"
             cfg.data.val_split = opts.split if same_folder and opts.split != "train" else "none"
+            if val is not None:
+                cfg.data.val_split, cfg.train.keep_best, cfg.train.eval_images = "val", True, len(val.image_ids)
             if name == "diffusion" and opts.distill_share > 0:
                 run_dir, info = train_distilled(
                     cfg,
@@ -691,6 +731,7 @@ def run_proxy(opts: ProxyOptions) -> dict:
         "distill_captions": opts.distill_captions,
         "distill_noisy_copies": noisy_copies,
         "distill_condition_noise": opts.distill_condition_noise if noisy_copies else None,
+        "validate_images": validate_images,
         "configs": trained,
     }
     write_json(opts.out, results)

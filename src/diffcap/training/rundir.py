@@ -6,6 +6,8 @@
     RUN_DIR/model.safetensors    raw weights
     RUN_DIR/ema.safetensors      EMA weights (what sampling uses by default)
     RUN_DIR/checkpoint.json      which checkpoint the files above were published from
+    RUN_DIR/best/                with train.keep_best: config, tokenizer and the EMA weights of the
+                                 best validation so far, and best.json (its step and val/CIDEr)
     RUN_DIR/checkpoints/step-N/  the last few checkpoints: all of the above plus trainer_state/
                                  (optimizer, LR schedule, step, RNG and EMA states, the captioner's
                                  training state), for resume
@@ -61,6 +63,8 @@ from ..text.tokenizer import CaptionTokenizer
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
+BEST = "best"  # train.keep_best: the model files of the best validation so far
+BEST_RECORD = "best.json"
 PUBLISHED_FILES = ("config.json", "body_config.json", "model.safetensors", "ema.safetensors")
 TRAINER_STATE = "trainer_state"
 CAPTIONER_STATE = "timesteps.safetensors"  # Captioner.training_state(): the timestep sampler's history
@@ -248,7 +252,7 @@ class RunDir:
         if not self.is_main:
             return
         old = self.path / CHECKPOINTS
-        moved = [p for p in (old, self.path / "logs") if p.is_dir() and any(p.iterdir())]
+        moved = [p for p in (old, self.path / "logs", self.path / BEST) if p.is_dir() and any(p.iterdir())]
         if not moved:
             return
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -257,6 +261,20 @@ class RunDir:
         (self.path / "checkpoint.json").unlink(missing_ok=True)
         names = " and ".join(p.name for p in moved)
         log.warning("%s: starting over; the earlier run's %s moved to *.replaced-%s", self.path, names, stamp)
+
+    def best_record(self) -> dict | None:
+        """``RUN/best/best.json`` (``step`` and ``val/CIDEr`` of the kept weights), or None before the first."""
+        path = self.path / BEST / BEST_RECORD
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def save_best(self, record: dict, cfg: Config, model: Captioner, tokenizer: CaptionTokenizer) -> Path:
+        """Replace ``RUN/best`` by ``model``'s weights (the EMA model, saved as both weight files) and
+        ``record``, in one atomic rename: a kill while writing leaves the previous best whole."""
+        final = self.path / BEST
+        with atomic_directory(final) as tmp:
+            save_model_files(tmp, cfg, model, tokenizer, model.state_dict())
+            write_json(tmp / BEST_RECORD, record)
+        return final
 
     def lock(self) -> None:
         """Hold ``train.lock`` in the run directory until :meth:`unlock` or the process ends (an

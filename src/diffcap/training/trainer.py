@@ -257,6 +257,8 @@ class Trainer:
         self.ema, self.optimizer, self.scheduler = ema, optimizer, scheduler
         self.train_log = TrainLog(self.out_dir, acc.is_main_process)
         self.validator = Validator(cfg, self.tokenizer, self.data.val, acc.device, acc.autocast)
+        if cfg.train.keep_best and self.data.val is None:
+            raise ConfigError(f"train.keep_best: {cfg.data.captions} has no captions in split {cfg.data.val_split!r}")
         self.non_finite = NonFiniteCheck(acc, self.data.train, cfg.data.captions)
         self.last_checkpoint: tuple[int, Path] | None = None  # (step, folder) resumed from or last written
         self.resumed_at: int | None = None  # the step resume() restored, if it did
@@ -341,8 +343,18 @@ class Trainer:
         """The validation report, at every train.eval_every steps and at the last step."""
         every = self.cfg.train.eval_every
         if every and (self.step % every == 0 or done) and self.accelerator.is_main_process:
-            self.train_log({"step": self.step, **self.validator(self.ema.module)})
+            record = self.validator(self.ema.module)
+            self.train_log({"step": self.step, **record})
+            if self.cfg.train.keep_best:
+                self._keep_best(record["val/CIDEr"])
             self.model.train()
+
+    def _keep_best(self, score: float) -> None:
+        """train.keep_best: the EMA weights go to RUN/best if ``score`` beats the best kept (also before a resume)."""
+        best = self.run_dir.best_record()
+        if best is None or score > best["val/CIDEr"]:
+            record = {"step": self.step, "val/CIDEr": score}
+            self.run_dir.save_best(record, self.cfg, self.ema.module, self.tokenizer)
 
     def _over_budget(self, start: float) -> bool:
         budget = self.cfg.train.time_budget_s
