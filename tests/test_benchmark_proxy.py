@@ -216,6 +216,7 @@ def test_validation_on_held_out_training_images_picks_each_models_best(tmp_path,
         assert 1 <= run["best"]["step"] <= run["steps"] and 0 <= run["best"]["val/CIDEr"]
     assert saved["configs"]["diffusion"]["model"]["init_from"].endswith("diffusion-teacher/best")
     assert saved["configs"]["diffusion"]["train"]["keep_best"]
+    assert "held-out training images: its teacher step" in (out.parent / "results.md").read_text()
     assert [default_validate_images(m) for m in (0.2, 12, 24, 24.5, 36)] == [0, 0, 0, 300, 300]
 
 

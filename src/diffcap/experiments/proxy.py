@@ -78,7 +78,8 @@ DISTILL_CONDITION_NOISE = 0.025  # per feature of a unit 384-wide MiniLM embeddi
 # body from scratch, to which the pre-norm body from scratch lost 0.02-0.06 (BENCHMARKS.md, "Session 11").
 STUDENT_FROM_TEACHER = True
 # Model selection on a held-out part of the training split (train.keep_best): its last VALIDATE_IMAGES
-# images, which no method trains on, scored VALIDATIONS times per run; each method then keeps its best
+# images, which no method trains on, scored every tenth of a run's first plan (VALIDATIONS; a run that
+# re-plans to more steps validates more often); each method then keeps its best
 # validation, the teacher too. The scored split stays unseen. Only beyond 24 minutes by default
 # (default_validate_images): at 12 minutes neither method overfits (the AR captioner still gained from
 # 6 to 12 minutes), so holding images out would only cost data, while at 36 minutes the AR captioner's
@@ -558,6 +559,18 @@ def markdown(results: dict) -> str:
             "",
             f"Its distillation teacher (beam {teacher['beam']}): BLEU-4 {_fmt(teacher['BLEU-4'])}, "
             f"CIDEr {_fmt(teacher['CIDEr'])}.",
+        ]
+    if results.get("validate_images"):
+        runs = [(m, results[m]) for m in ("autoregressive", "diffusion") if m in results]
+        if "diffusion" in results and "distillation" in results["diffusion"]:
+            runs.insert(-1, ("its teacher", results["diffusion"]["distillation"]["teacher"]))
+        kept = [
+            f"{m} step {r['best']['step']} of {r['steps']} (val CIDEr {_fmt(r['best']['val/CIDEr'])})" for m, r in runs
+        ]
+        lines += [
+            "",
+            f"Weights of each run's best validation (one every tenth of its first plan) on "
+            f"{results['validate_images']} held-out training images: {'; '.join(kept)}.",
         ]
     if results.get("diffusion_without_collapse"):
         raw = results["diffusion_without_collapse"]

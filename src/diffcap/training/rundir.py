@@ -86,6 +86,7 @@ RESUME_MAY_CHANGE = (
     "train.eval_images",
     "train.save_every",
     "train.keep_checkpoints",
+    "train.keep_best",
     "train.log_every",
     "train.progress",
     "train.time_budget_s",
