@@ -116,8 +116,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--validate-images",
         type=int,
         default=None,
-        help="hold out the last N training images; each method (and the teacher) keeps the weights of its best "
-        "of 10 validations on them (default: none up to 24 minutes of --budget-min, 300 beyond)",
+        help="hold out the last N training images; each method (and the teacher) validates on them every tenth of "
+        "its planned steps and keeps its best weights (default: none up to 24 minutes of --budget-min, 300 beyond)",
     )
     p.add_argument("--steps-list", nargs="+", default=["1,2,3,5,10,20,50"], help="diffusion sampling steps to sweep")
     args = p.parse_args(argv)

@@ -79,11 +79,16 @@ def make_flickr8k(root: Path, n_train: int = 12, n_dev: int = 4) -> Path:
 TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "train.batch_size=16", "train.ema_decay=0.9"]
 
 
-def test_end_to_end_all_methods(tmp_path, monkeypatch):
+@pytest.fixture
+def short_calibration(monkeypatch):
+    """A shorter throwaway calibration run keeps the budgeted runs fast."""
     import diffcap.experiments.budget
 
-    monkeypatch.setattr(diffcap.experiments.budget, "CALIBRATION_STEPS", 8)  # a shorter throwaway run keeps it fast
+    monkeypatch.setattr(diffcap.experiments.budget, "CALIBRATION_STEPS", 8)
     monkeypatch.setattr(diffcap.experiments.budget, "CALIBRATION_SKIP", 3)
+
+
+def test_end_to_end_all_methods(tmp_path, short_calibration):
     # 12 s per method, a quarter for the distillation teacher: its captioning must leave the student time on a
     # loaded CPU as well
     data = make_flickr8k(tmp_path / "flickr8k")
@@ -175,15 +180,12 @@ def test_end_to_end_all_methods(tmp_path, monkeypatch):
     assert json.loads((work / "prepare.json").read_text())["condition"] == "text"
 
 
-def test_validation_on_held_out_training_images_picks_each_models_best(tmp_path, monkeypatch):
+def test_validation_on_held_out_training_images_picks_each_models_best(tmp_path, short_calibration):
     """--validate-images N: the last N training images are held out from every method's training (the
     teacher's too) and each run, teacher included, stands by the weights of its best validation on them."""
-    import diffcap.experiments.budget
     from diffcap.data.contract import read_captions
     from diffcap.experiments.proxy import default_validate_images
 
-    monkeypatch.setattr(diffcap.experiments.budget, "CALIBRATION_STEPS", 8)
-    monkeypatch.setattr(diffcap.experiments.budget, "CALIBRATION_SKIP", 3)
     data = make_flickr8k(tmp_path / "flickr8k")
     out = tmp_path / "out" / "results.json"
     run_proxy(
@@ -245,6 +247,7 @@ def test_prepare_only_writes_the_sweep_data_folder(tmp_path):
                 out=folder / "results.json",
                 work=tmp_path / "work",
                 prepare_only=folder,
+                validate_images=3,  # a benchmark setting: the sweep's folder still gets every training image
                 diffusion_set=["model.n_layers=3"],
             )
         )

@@ -627,6 +627,8 @@ def run_proxy(opts: ProxyOptions) -> dict:
         default_noisy_copies(opts.budget_min) if opts.distill_noisy_copies is None else opts.distill_noisy_copies
     )
     validate_images = default_validate_images(opts.budget_min) if opts.validate_images is None else opts.validate_images
+    if opts.prepare_only:  # the sweep's data folder keeps every training image; a sweep validates on its own
+        validate_images = 0
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     out_dir = opts.out.parent
     rss: dict[str, float] = {}
