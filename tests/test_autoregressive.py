@@ -8,7 +8,7 @@ from conftest import CAPTIONS
 from safetensors.torch import load_file, save_file
 
 from diffcap.config import ModelConfig
-from diffcap.models.autoregressive import IGNORE_INDEX, AutoregressiveCaptioner, prefix_lm_mask
+from diffcap.models.autoregressive import IGNORE_INDEX, AutoregressiveCaptioner, attention, prefix_lm_mask
 from diffcap.text.tokenizer import CaptionTokenizer
 
 SEQ_LEN = 10
@@ -248,3 +248,19 @@ def test_shortlisted_head_is_the_softmax_over_the_training_tokens(tmp_path):
     assert bool(rebuilt.allowed.all())
     rebuilt.eval()
     assert torch.equal(rebuilt.search(feats, max_length=SEQ_LEN), full.search(feats, max_length=SEQ_LEN))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_training_attention_in_bf16_on_the_cpu_is_computed_in_fp32(causal):
+    """The CPU flash-attention backward is slow in bf16, so training attends in fp32 and returns bf16;
+    with dropout (PyTorch's math path) and when sampling it stays in bf16."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 7, 16, generator=g).bfloat16().requires_grad_() for _ in range(3))
+    mask = prefix_lm_mask(n_prefix=2, q_start=0, q_len=7, k_len=7) if causal else None
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    y = attention(q, k, v, mask, dropout_p=0.0, training=True)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, sdpa(q.float(), k.float(), v.float(), attn_mask=mask).bfloat16())
+    y.float().sum().backward()
+    assert q.grad.dtype == torch.bfloat16 and bool(q.grad.abs().sum() > 0)
+    assert torch.equal(attention(q, k, v, mask, dropout_p=0.0, training=False), sdpa(q, k, v, attn_mask=mask))

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from diffcap.data.contract import FeatureStore
 from diffcap.pipeline import CaptionPipeline
 from diffcap.training import Trainer
-from diffcap.training.trainer import lr_lambda
+from diffcap.training.trainer import ema_multi_avg_fn, lr_lambda
 
 
 def _features(data_dir, ids):
@@ -171,6 +171,32 @@ def test_lr_warmup_then_linear_decay_to_final():
     assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.75) and f(110) == pytest.approx(0.5)
     g = lr_lambda(TrainConfig(steps=110, warmup_steps=10, lr=1e-4, final_lr=5e-5, lr_schedule="cosine"))
     assert g(60) == pytest.approx(0.75) and g(110) == pytest.approx(0.5)
+
+
+def test_ema_is_the_warmed_up_moving_average_and_copies_masks():
+    """The in-place EMA against the formula it replaced: e_n = e + (w - e)(1 - min(decay, (1+n)/(10+n)))."""
+    from torch.optim.swa_utils import AveragedModel
+
+    model = torch.nn.Linear(3, 2)
+    model.register_buffer("allowed", torch.tensor([True, False, True]))
+    ema = AveragedModel(model, multi_avg_fn=ema_multi_avg_fn(0.9), use_buffers=True)
+    g = torch.Generator().manual_seed(0)
+    expected = None
+    for n in range(40):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+        model.allowed.copy_(torch.rand(3, generator=g) > 0.5)
+        ema.update_parameters(model)
+        weights = [p.detach().double() for p in model.parameters()]
+        if expected is None:  # the first update copies
+            expected = weights
+        else:
+            keep = min(0.9, (1 + n) / (10 + n))  # n updates averaged before this one
+            expected = [e + (w - e) * (1 - keep) for e, w in zip(expected, weights)]
+        for e, p in zip(expected, ema.module.parameters()):
+            torch.testing.assert_close(p.detach().double(), e, rtol=1e-6, atol=1e-6)
+        assert torch.equal(ema.module.allowed, model.allowed)
 
 
 @pytest.mark.parametrize(

@@ -90,6 +90,23 @@ def prefix_lm_mask(
     return None if bool(mask.all()) else mask
 
 
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout_p: float, training: bool
+) -> torch.Tensor:
+    """sdpa, in fp32 when training in bf16 on a CPU without attention dropout.
+
+    There PyTorch takes its CPU flash-attention kernel, whose backward is about 3x slower in bf16 than in
+    fp32 at the captioners' shapes (batch 64, 4 heads, ~22 positions: 11 ms against 4 ms forward and
+    backward; causal 15.5 ms against 4.9 ms; BENCHMARKS.md, "Session 16"). The casts cost far less, and
+    the fp32 softmax is the more exact one. With dropout it takes the math path, which is faster in bf16;
+    sampling keeps bf16, where the forward alone is as fast as in fp32."""
+    if training and dropout_p == 0 and q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        with torch.autocast("cpu", enabled=False):
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+        return y.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention through sdpa, with an optional KV cache."""
 
@@ -108,7 +125,7 @@ class SelfAttention(nn.Module):
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        y = attention(q, k, v, mask, self.dropout if self.training else 0.0, self.training)
         return self.out(y.transpose(1, 2).reshape(b, t, d))
 
 
