@@ -98,8 +98,9 @@ def attention(
     There PyTorch takes its CPU flash-attention kernel, whose backward is about 3x slower in bf16 than in
     fp32 at the captioners' shapes (batch 64, 4 heads, ~22 positions: 11 ms against 4 ms forward and
     backward; causal 15.5 ms against 4.9 ms; BENCHMARKS.md, "Session 16"). The casts cost far less, and
-    the fp32 softmax is the more exact one. With dropout it takes the math path, which is faster in bf16;
-    sampling keeps bf16, where the forward alone is as fast as in fp32."""
+    the fp32 softmax is the more exact one. With dropout it takes the math path, which is faster in bf16.
+    Sampling keeps its dtype: there attention is a small part of a step (0.025 ms per block of a ~4 ms step
+    at batch 1)."""
     if training and dropout_p == 0 and q.device.type == "cpu" and q.dtype == torch.bfloat16:
         with torch.autocast("cpu", enabled=False):
             y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
