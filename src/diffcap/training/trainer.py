@@ -150,8 +150,8 @@ def ema_multi_avg_fn(decay: float):
 
     In place and over all tensors of a dtype at once (torch.optim.swa_utils.get_ema_multi_avg_fn has no
     warm-up): a per-tensor ``averaged + (current - averaged) * (1 - d)`` allocates three fresh copies of
-    every weight, and for the 13M-parameter proxy captioners that took 35-50 ms of a 0.2 s training step
-    on the CPU, against 5 ms for the in-place update (BENCHMARKS.md, "Session 16")."""
+    every weight, and for the proxy's 13M-parameter student that took 35-50 ms of a 0.2 s training step on
+    the CPU, against 5 ms for the in-place update (BENCHMARKS.md, "Session 16")."""
 
     def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
         # AveragedModel groups the tensors by dtype, so a group is all floating point or all not
