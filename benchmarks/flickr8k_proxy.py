@@ -35,6 +35,7 @@ from diffcap.experiments.proxy import (  # noqa: E402
     DISTILL_CONDITION_NOISE,
     DISTILL_SHARE,
     METHODS,
+    TEACHER_SETTINGS,
     ProxyOptions,
     run_proxy,
 )
@@ -83,7 +84,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="extend",
         default=[],
         metavar="KEY=VALUE",
-        help="config overrides for the autoregressive captioner",
+        help="config overrides for the autoregressive captioner (and the distillation teacher)",
+    )
+    p.add_argument(
+        "--teacher-set",
+        nargs="*",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides for the distillation teacher only, after --ar-set and the teacher's defaults "
+        f"({' '.join(TEACHER_SETTINGS)})",
     )
     p.add_argument(
         "--distill-share",
@@ -169,6 +179,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             max_eval_images=args.max_eval_images,
             diffusion_set=args.diffusion_set,
             ar_set=args.ar_set,
+            teacher_set=args.teacher_set,
             distill_share=args.distill_share,
             distill_beam=args.distill_beam,
             distill_captions=args.distill_captions,

@@ -106,6 +106,7 @@ def test_end_to_end_all_methods(tmp_path, short_calibration):
             distill_noisy_copies=1,
             diffusion_set=[*TINY, "model.emb_dim=16", "sampler.steps=2"],
             ar_set=TINY,
+            teacher_set=["train.ema_decay=0.8"],
         )
     )
     saved = json.loads(out.read_text())
@@ -152,6 +153,13 @@ def test_end_to_end_all_methods(tmp_path, short_calibration):
     assert distilled["captioning"]["noisy_captions"] == 12 and distilled["condition_noise"] == 0.025
     assert saved["configs"]["diffusion"]["data"]["features"].endswith("captions_distilled_features.safetensors")
     assert distilled["beam"] == 3 and {"BLEU-4", "CIDEr"} <= saved["diffusion_teacher"].keys()
+    # the teacher is the AR method's config (--ar-set) with its own defaults (no dropout) and --teacher-set
+    teacher_cfg = json.loads((Path(distilled["teacher"]["run_dir"]) / "config.json").read_text())
+    ar_cfg = saved["configs"]["autoregressive"]
+    assert teacher_cfg["model"]["d_model"] == ar_cfg["model"]["d_model"] == 32
+    assert (teacher_cfg["model"]["dropout"], ar_cfg["model"]["dropout"]) == (0.0, 0.1)
+    assert (teacher_cfg["train"]["ema_decay"], ar_cfg["train"]["ema_decay"]) == (0.8, 0.9)
+    assert saved["teacher_set"] == ["model.dropout=0.0", "train.ema_decay=0.8"]
     assert {"BLEU-4", "CIDEr"} <= saved["diffusion_without_collapse"].keys()
     assert 1 <= saved["autoregressive"]["nfe"] <= 20
     assert [row["steps"] for row in saved["diffusion_by_steps"]] == [2]
