@@ -93,7 +93,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=[],
         metavar="KEY=VALUE",
         help="config overrides for the distillation teacher only, after --ar-set and the teacher's defaults "
-        f"({' '.join(TEACHER_SETTINGS)})",
+        f"({' '.join(TEACHER_SETTINGS)} up to 24 minutes of --budget-min, none beyond)",
     )
     p.add_argument(
         "--distill-share",

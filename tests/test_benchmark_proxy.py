@@ -238,6 +238,14 @@ def test_noisy_copies_grow_with_the_budget_beyond_24_minutes():
     assert [default_noisy_copies(m) for m in (0.2, 12, 23.9, 24, 35.9, 36, 60)] == [0, 0, 0, 1, 1, 2, 4]
 
 
+def test_the_teacher_drops_dropout_up_to_24_minutes():
+    """By default the teacher trains without dropout up to 24 minutes of budget (half of it does not overfit
+    then) and keeps the AR method's dropout beyond (as long a run as the one that overfitted without it)."""
+    from diffcap.experiments.proxy import default_teacher_settings
+
+    assert [default_teacher_settings(m) for m in (0.2, 12, 24, 24.5, 36)] == [("model.dropout=0.0",)] * 3 + [()] * 2
+
+
 def test_prepare_only_writes_the_sweep_data_folder(tmp_path):
     """--prepare-only: the proxy as a contract folder plus the settings the sweep starts from."""
     import yaml

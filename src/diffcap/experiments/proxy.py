@@ -141,12 +141,14 @@ SETTINGS = {
     ),
     "autoregressive": COMMON_SETTINGS + ("model.kind=autoregressive", "sampler.beam_size=1"),
 }
-# The distillation teacher is the autoregressive method's config (with --ar-set) plus these overrides and
-# then --teacher-set. Without dropout its steps are ~20% cheaper (PyTorch's fused attention instead of its
-# math path) and within half the budget it does not overfit: in the session-16 screen it trained 1,724
-# steps instead of 1,252-1,505 and scored 0.724 CIDEr with beam 3 instead of 0.665-0.697, and its
-# student gained 0.03 at 5 steps. The AR method keeps its dropout: over the whole budget it overfits
-# without it (0.609 against 0.674-0.690; BENCHMARKS.md, "Session 16").
+# The distillation teacher is the autoregressive method's config (with --ar-set), then these overrides up to
+# 24 minutes of budget (default_teacher_settings), then --teacher-set. Without dropout its steps are ~20%
+# cheaper (PyTorch's fused attention instead of its math path) and within half of 12 minutes it does not
+# overfit: in the session-16 screen it trained 1,724 steps instead of 1,252-1,505 and scored 0.724 CIDEr
+# with beam 3 instead of 0.665-0.697, and its student gained 0.03 at 5 steps. The AR method keeps its
+# dropout: over a whole 12 minutes (3,716 steps) it overfits without it (0.609 against 0.674-0.690;
+# BENCHMARKS.md, "Session 16"). Beyond 24 minutes the teacher trains as long as that and keeps its
+# dropout too (the 36-minute comparison was measured with it).
 TEACHER_SETTINGS = ("model.dropout=0.0",)
 
 
@@ -154,6 +156,11 @@ def default_noisy_copies(budget_min: float) -> int:
     """The proxy's noisy copies per training condition for a budget: none up to 24 minutes, then one per
     12 minutes beyond the first twelve (2 at the scaling run's 36)."""
     return max(0, int(budget_min // 12) - 1)
+
+
+def default_teacher_settings(budget_min: float) -> tuple[str, ...]:
+    """The proxy teacher's own overrides for a budget: :data:`TEACHER_SETTINGS` up to 24 minutes, none beyond."""
+    return TEACHER_SETTINGS if budget_min <= 24 else ()
 
 
 def default_validate_images(budget_min: float) -> int:
@@ -609,7 +616,7 @@ class ProxyOptions:
     max_eval_images: int | None = None
     diffusion_set: Sequence[str] = ()
     ar_set: Sequence[str] = ()
-    teacher_set: Sequence[str] = ()
+    teacher_set: Sequence[str] = ()  # after default_teacher_settings(budget_min)
     distill_share: float = DISTILL_SHARE
     distill_beam: int = DISTILL_BEAM
     distill_captions: int = DISTILL_CAPTIONS
@@ -623,12 +630,13 @@ class ProxyOptions:
 def run_proxy(opts: ProxyOptions) -> dict:
     """Run the benchmark (or, with ``prepare_only``, write its data folder); returns results.json's content."""
     tokenizer_dir = minilm_dir()
+    teacher_set = [*default_teacher_settings(opts.budget_min), *opts.teacher_set]
     configs = {
         "diffusion": build_config("diffusion", opts.diffusion_set, tokenizer_dir),
         "autoregressive": build_config("autoregressive", opts.ar_set, tokenizer_dir),
         "teacher": build_config(
             "autoregressive",
-            [*opts.ar_set, *TEACHER_SETTINGS, *opts.teacher_set],
+            [*opts.ar_set, *teacher_set],
             tokenizer_dir,
             "--ar-set/--teacher-set",
         ),
@@ -762,7 +770,7 @@ def run_proxy(opts: ProxyOptions) -> dict:
         "distill_captions": opts.distill_captions,
         "distill_noisy_copies": noisy_copies,
         "distill_condition_noise": opts.distill_condition_noise if noisy_copies else None,
-        "teacher_set": [*TEACHER_SETTINGS, *opts.teacher_set],
+        "teacher_set": teacher_set,
         "validate_images": validate_images,
         "configs": trained,
     }
