@@ -150,6 +150,9 @@ SETTINGS = {
 # BENCHMARKS.md, "Session 16"). Beyond 24 minutes the teacher trains as long as that and keeps its
 # dropout too (the 36-minute comparison was measured with it).
 TEACHER_SETTINGS = ("model.dropout=0.0",)
+# Beyond this budget the proxy holds out validation images (default_validate_images: at 36 minutes the AR
+# captioner's last weights had overfitted) and its teacher keeps its dropout (default_teacher_settings).
+LONG_BUDGET_MIN = 24
 
 
 def default_noisy_copies(budget_min: float) -> int:
@@ -160,12 +163,12 @@ def default_noisy_copies(budget_min: float) -> int:
 
 def default_teacher_settings(budget_min: float) -> tuple[str, ...]:
     """The proxy teacher's own overrides for a budget: :data:`TEACHER_SETTINGS` up to 24 minutes, none beyond."""
-    return TEACHER_SETTINGS if budget_min <= 24 else ()
+    return TEACHER_SETTINGS if budget_min <= LONG_BUDGET_MIN else ()
 
 
 def default_validate_images(budget_min: float) -> int:
     """The proxy's held-out validation images for a budget: none up to 24 minutes, then VALIDATE_IMAGES."""
-    return VALIDATE_IMAGES if budget_min > 24 else 0
+    return VALIDATE_IMAGES if budget_min > LONG_BUDGET_MIN else 0
 
 
 def say(message: str) -> None:
