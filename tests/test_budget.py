@@ -16,25 +16,29 @@ def test_replan_refits_the_steps_to_the_measured_seconds_per_step(tmp_path):
     assert (plan["steps"], plan["calibrated_steps"], plan["warmup_steps"]) == (95, 95, 9)
     replan = Replan(100.0, plan, tmp_path / "plan.json")
     replan.start(0)
-    # the clock starts CALIBRATION_SKIP steps in; revisions at 10% and 50% of the calibrated 95 steps
-    assert [s for s in range(100) if replan.wants(s)] == [5, 9, 47]
+    # the clock starts CALIBRATION_SKIP steps in; the first revision at a tenth of the 95 planned steps
+    assert [s for s in range(300) if replan.wants(s)] == [5, 9]
     assert replan.revise(5, 6.0) == 95 and not (tmp_path / "plan.json").exists()
     # 4 steps in 2 s: 0.5 s/step, so the 95 - 8 s left hold 174 more steps
     assert replan.revise(9, 8.0) == 9 + 174
     assert json.loads((tmp_path / "plan.json").read_text())["steps"] == 183
-    # slower later (1 s/step since the clock started): the remaining 95 - 48 s hold 47 steps
-    assert replan.revise(47, 48.0) == 47 + 47
+    # the next revision is half-way through the plan as revised, not the calibrated one
+    assert [s for s in range(300) if replan.wants(s)] == [5, 91]
+    assert replan.revise(91, 49.0) == 183  # on plan: 0.5 s/step since the clock started
+    # faster in the last part (61.25 s for 159 steps): nine tenths in, the 27.75 s left hold 72 steps
+    assert [s for s in range(300) if replan.wants(s)] == [5, 164]
+    assert replan.revise(164, 67.25) == 164 + 72
+    assert [s for s in range(300) if replan.wants(s)] == [5]  # no revision is left
     saved = json.loads((tmp_path / "plan.json").read_text())
-    assert saved["revisions"] == [
-        {"at_step": 9, "sec_per_step": 0.5, "steps": 183},
-        {"at_step": 47, "sec_per_step": 1.0, "steps": 94},
-    ]
-    # a resumed run starts the clock again and revises only at the points still ahead of it
+    assert [(r["at_step"], r["steps"]) for r in saved["revisions"]] == [(9, 183), (91, 183), (164, 236)]
+    # a resumed run starts the clock again and revises only at the points still ahead of it, on its plan
     resumed = Replan(100.0, saved, tmp_path / "plan.json")
     resumed.start(30)
-    assert [s for s in range(200) if resumed.wants(s)] == [35, 47]
-    resumed.start(44)
-    assert [s for s in range(200) if resumed.wants(s)] == [49]  # only its clock: no revision is ahead
+    assert [s for s in range(300) if resumed.wants(s)] == [35, 118]  # half of 236
+    resumed.start(120)
+    assert [s for s in range(300) if resumed.wants(s)] == [125, 212]  # nine tenths of 236
+    resumed.start(210)
+    assert [s for s in range(300) if resumed.wants(s)] == [215]  # only its clock: no revision is ahead
 
 
 def test_a_run_planned_from_a_slow_calibration_trains_its_whole_budget(feature_data, tmp_path, monkeypatch):

@@ -28,10 +28,12 @@ from ..io import write_json
 CALIBRATION_STEPS, CALIBRATION_SKIP = 20, 5  # time steps SKIP..STEPS of a throwaway run
 BUDGET_FILL = 0.95  # plan this fraction of the budget, leaving room for the final checkpoint
 PLAN_FILE = "plan.json"  # in the run directory: a resumed run keeps its plan, hence its LR schedule
-# Re-fit train.steps at these fractions of the calibrated plan: after the warm-up (a tenth at most) and
-# once more half-way, when the measure covers hundreds of steps. An early revision moves the learning
-# rate by little (linear decay: from progress 0.1 to 0.1 x old / new steps).
-REPLAN_AT = (0.1, 0.5)
+# Re-fit train.steps at these fractions of the plan as it stands then: after the warm-up (a tenth at
+# most), half-way, when the measure covers hundreds of steps, and at nine tenths, when only the last steps
+# are left to fit. Without the last one a run that sped up after half-way ended early: the proxy's
+# students used 90-94% of their time, not the planned 95% (BENCHMARKS.md, "Session 17"). A revision moves
+# the learning rate by little (linear decay: from progress f to f x old / new steps).
+REPLAN_AT = (0.1, 0.5, 0.9)
 
 
 def reset_accelerate() -> None:
@@ -99,25 +101,33 @@ class Replan:
 
     The Trainer asks :meth:`wants` after every optimiser step and, where it does, passes the seconds
     since training started (the same on every process). The first such step, :data:`CALIBRATION_SKIP`
-    steps in, starts the clock (the first steps are slower); at each of :data:`REPLAN_AT` of the
-    calibrated plan, :meth:`revise` measures seconds per step since then and plans the steps that end
-    at :data:`BUDGET_FILL` of the budget. Each revision is written to the plan file, so a resumed run
-    keeps the schedule it had. The revision steps depend only on the plan, so every process revises at
-    the same step to the same number.
+    steps in, starts the clock (the first steps are slower); at each fraction of :data:`REPLAN_AT` of
+    the planned steps (as the previous revision left them), :meth:`revise` measures seconds per step since
+    then and plans the steps that end at :data:`BUDGET_FILL` of the budget. Each revision is written to
+    the plan file, so a resumed run keeps the schedule it had. The revision steps depend only on the plan
+    and the elapsed time, which the Trainer agrees on across processes, so every process revises at the
+    same step to the same number.
     """
 
     def __init__(self, budget_s: float, plan: dict, plan_path: Path):
         self.budget_s, self.plan, self.plan_path = budget_s, plan, Path(plan_path)
-        self.clock_step, self.clock_s, self.points = None, 0.0, ()
+        self.clock_step, self.clock_s, self.next_point, self.fractions = None, 0.0, None, ()
+
+    def _next(self, step: int) -> None:
+        """Drops the fractions whose point on the plan as it stands is not beyond ``step``; the next point is
+        the first left, if any."""
+        marks = [int(f * self.plan["steps"]) for f in self.fractions]
+        ahead = next((i for i, m in enumerate(marks) if m > step), len(marks))
+        self.fractions = self.fractions[ahead:]
+        self.next_point = marks[ahead] if self.fractions else None
 
     def start(self, step: int) -> None:
         """Training starts (or resumes) at ``step``."""
-        self.clock_step = step + CALIBRATION_SKIP
-        marks = (int(f * self.plan["calibrated_steps"]) for f in REPLAN_AT)
-        self.points = tuple(m for m in marks if m > self.clock_step)
+        self.clock_step, self.fractions = step + CALIBRATION_SKIP, REPLAN_AT
+        self._next(self.clock_step)
 
     def wants(self, step: int) -> bool:
-        return step == self.clock_step or step in self.points
+        return step == self.clock_step or step == self.next_point
 
     def revise(self, step: int, elapsed_s: float, write: bool = True) -> int:
         """The run's train.steps after ``step``, ``elapsed_s`` seconds into training."""
@@ -128,6 +138,8 @@ class Replan:
         steps = max(step + 1, step + int((BUDGET_FILL * self.budget_s - elapsed_s) / max(sec, 1e-9)))
         self.plan["revisions"].append({"at_step": step, "sec_per_step": sec, "steps": steps})
         self.plan["steps"] = steps
+        self.fractions = self.fractions[1:]  # this point's fraction is done
+        self._next(step)
         if write:
             write_json(self.plan_path, self.plan)
         return steps
