@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -163,6 +164,12 @@ def test_end_to_end_all_methods(tmp_path, short_calibration):
     assert {"BLEU-4", "CIDEr"} <= saved["diffusion_without_collapse"].keys()
     assert 1 <= saved["autoregressive"]["nfe"] <= 20
     assert [row["steps"] for row in saved["diffusion_by_steps"]] == [2]
+    # batch-1 latency measured side by side after training: the student's own 2 steps are its by-steps row
+    measured = saved["latency"]
+    assert measured["rounds"] == 3 and len(measured["autoregressive"]["rounds_s"]) == 3
+    assert saved["diffusion_by_steps"][0]["latency_b1_s"] == saved["diffusion"]["latency_b1_s"]
+    assert saved["diffusion"]["latency_b1_s"] == measured["diffusion_by_steps"]["2"]["latency_b1_s"]
+    assert saved["autoregressive"]["nfe"] == measured["autoregressive"]["nfe"]
     assert saved["matmul_gflops"]["float32"] > 0 and saved["matmul_gflops"]["bfloat16"] > 0
     # precision "auto": bf16 only where this CPU has it natively, and the record says which it took
     native = saved["matmul_gflops"]["native_bf16_cpu"]
@@ -228,6 +235,45 @@ def test_validation_on_held_out_training_images_picks_each_models_best(tmp_path,
     assert saved["configs"]["diffusion"]["train"]["keep_best"]
     assert "held-out training images: its teacher step" in (out.parent / "results.md").read_text()
     assert [default_validate_images(m) for m in (0.2, 12, 24, 24.5, 36)] == [0, 0, 0, 300, 300]
+
+
+def test_latency_is_measured_side_by_side_and_each_setting_keeps_its_median_round(monkeypatch):
+    """The machine's speed drifts, so every setting is timed in each of three interleaved rounds; one slow
+    round (an outlier) does not move a setting's figure."""
+    calls, readings = [], iter([0.030, 0.020, 0.005, 0.090, 0.021, 0.004, 0.031, 0.050, 0.006])
+
+    def fake_latency(pipe, features, n, **sampler):
+        calls.append((pipe.name, sampler.get("steps")))
+        return next(readings), (None if pipe.model.iterative else 12.5)
+
+    def fake_pipe(name, iterative):
+        sampler = types.SimpleNamespace(steps=5 if iterative else 1)
+        return types.SimpleNamespace(
+            name=name, model=types.SimpleNamespace(iterative=iterative), cfg=types.SimpleNamespace(sampler=sampler)
+        )
+
+    monkeypatch.setattr(proxy, "latency", fake_latency)
+    pipes = {"autoregressive": fake_pipe("ar", False), "diffusion": fake_pipe("diff", True)}
+    ev = types.SimpleNamespace(features=torch.zeros(30, 4), image_ids=[str(i) for i in range(30)])
+    measured = proxy.side_by_side_latency(pipes, ev, [1, 5])
+    assert calls == [("ar", None), ("diff", None), ("diff", 1)] * 3  # its own 5 steps are timed once a round
+    assert measured["autoregressive"] == {"latency_b1_s": 0.031, "rounds_s": [0.030, 0.090, 0.031], "nfe": 12.5}
+    assert measured["diffusion"]["latency_b1_s"] == 0.021 and measured["diffusion"]["nfe"] is None
+    assert measured["diffusion_by_steps"][1]["latency_b1_s"] == 0.005
+    assert measured["diffusion_by_steps"][5] == {"latency_b1_s": 0.021, "rounds_s": [0.020, 0.021, 0.050]}
+    results = {
+        "autoregressive": {"CIDEr": 0.7, "nfe": 1.0},
+        "diffusion": {"CIDEr": 0.63, "nfe": 5, "sampler_steps": 5},
+        "diffusion_by_steps": [{"steps": s, "nfe": s, "BLEU-4": 0.2, "CIDEr": c} for s, c in ((1, 0.56), (5, 0.63))],
+        "latency": measured,
+    }
+    proxy.fill_latencies(results)
+    assert results["autoregressive"]["nfe"] == 12.5 and results["diffusion"]["nfe"] == 5
+    assert [r["latency_b1_s"] for r in results["diffusion_by_steps"]] == [0.005, 0.021]
+    table = proxy.markdown(results)
+    assert "| 1 | 1 | 0.200 | 0.560 | 0.005 | - | 0.80x | 6.2x |" in table  # 0.031 / 0.005
+    assert "| 5 | 5 | 0.200 | 0.630 | 0.021 | - | 0.90x | 1.5x |" in table
+    assert "median of 3 interleaved rounds of 20 single captions" in table
 
 
 def test_noisy_copies_grow_with_the_budget_beyond_24_minutes():

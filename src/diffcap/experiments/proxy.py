@@ -33,6 +33,7 @@ import gc
 import hashlib
 import json
 import os
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -87,6 +88,9 @@ STUDENT_FROM_TEACHER = True
 VALIDATE_IMAGES = 300
 VALIDATIONS = 10
 LATENCY_IMAGES = 20
+# Batch-1 latency is measured once every method is trained, in this many interleaved rounds (one pass over
+# every setting per round), and each setting keeps its median round (side_by_side_latency).
+LATENCY_ROUNDS = 3
 THROUGHPUT_BATCH = 64
 METRIC_KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE_L", "CIDEr")
 TABLE_COLUMNS = ("BLEU-4", "METEOR", "ROUGE_L", "CIDEr", "latency_b1_s", "throughput_b64", "train_s")
@@ -501,17 +505,63 @@ def run_retrieval(train: SplitSet, ev: SplitSet, out_dir: Path) -> dict:
 
 
 def evaluate_neural(run_dir: Path, ev: SplitSet, out_dir: Path, name: str) -> tuple[dict, CaptionPipeline]:
-    """Metrics, latency, throughput and FLOPs of a trained run at its own sampler settings."""
+    """Metrics, throughput and FLOPs of a trained run at its own sampler settings (its batch-1 latency comes
+    later, from :func:`side_by_side_latency`)."""
     pipe = CaptionPipeline.from_pretrained(run_dir)
     predictions, eval_s = caption_all(pipe, ev)
     write_coco_results(out_dir / "predictions" / f"{name}.json", predictions)
-    seconds, nfe = latency(pipe, ev.features, LATENCY_IMAGES)
-    result = score(predictions, ev.references) | {"latency_b1_s": seconds, "eval_captioning_s": eval_s}
+    result = score(predictions, ev.references) | {"eval_captioning_s": eval_s}
     result |= speed(pipe, ev.features)
-    if nfe is not None:  # forwards per caption at batch 1, where the model counts them
-        result["nfe"] = nfe
     result["samples"] = samples(ev, predictions)
     return result, pipe
+
+
+def side_by_side_latency(pipes: dict[str, CaptionPipeline], ev: SplitSet, steps_list: Sequence[int]) -> dict:
+    """Batch-1 latency of every trained method, and of each iterative one at every step count of
+    ``steps_list``, measured in :data:`LATENCY_ROUNDS` interleaved rounds; each setting keeps its median round.
+
+    The machine's speed drifts over a benchmark's half hour: one student read 0.035 s and 0.025 s per
+    5-step caption a minute apart, each time in a new process on the idle machine (BENCHMARKS.md,
+    "Session 18"). Latencies taken right after each method's own evaluation, many minutes apart, gave
+    ratios that moved with the machine; side by side, every ratio compares settings timed alike.
+    Returns ``{"rounds", "images", method: {"latency_b1_s", "nfe", "rounds_s"}, f"{method}_by_steps":
+    {steps: {"latency_b1_s", "rounds_s"}}}``; ``nfe`` is the mean forwards per caption where the model
+    counts them, else None.
+    """
+    settings: list[tuple[str, int | None]] = []
+    for name, pipe in pipes.items():
+        settings.append((name, None))
+        if pipe.model.iterative:
+            settings += [(name, s) for s in steps_list if s != pipe.cfg.sampler.steps]
+    rounds: dict[tuple[str, int | None], list[float]] = {k: [] for k in settings}
+    nfes: dict[str, float | None] = {}
+    for _ in range(LATENCY_ROUNDS):
+        for name, steps in settings:
+            sampler = {} if steps is None else {"steps": steps}
+            seconds, nfes[name] = latency(pipes[name], ev.features, LATENCY_IMAGES, **sampler)
+            rounds[(name, steps)].append(seconds)
+    out: dict[str, Any] = {"rounds": LATENCY_ROUNDS, "images": min(LATENCY_IMAGES, len(ev.image_ids))}
+    for (name, steps), times in rounds.items():
+        entry = {"latency_b1_s": statistics.median(times), "rounds_s": times}
+        if steps is None:
+            out[name] = entry | {"nfe": nfes[name] if not pipes[name].model.iterative else None}
+            steps = pipes[name].cfg.sampler.steps if pipes[name].model.iterative else None
+        if steps is not None:  # the run's own setting is also a row of its by-steps table
+            out.setdefault(f"{name}_by_steps", {})[steps] = entry
+    return out
+
+
+def fill_latencies(results: dict) -> None:
+    """Copies ``results["latency"]`` (:func:`side_by_side_latency`) into the methods' rows and their
+    by-steps rows, and the AR captioner's counted forwards into its ``nfe``."""
+    measured = results["latency"]
+    for name in METHODS:
+        if name in measured:
+            results[name]["latency_b1_s"] = measured[name]["latency_b1_s"]
+            if measured[name]["nfe"] is not None:
+                results[name]["nfe"] = measured[name]["nfe"]
+        for row in results.get(f"{name}_by_steps", []):
+            row["latency_b1_s"] = measured[f"{name}_by_steps"][row["steps"]]["latency_b1_s"]
 
 
 def diffusion_nfe(cfg: Config, steps: int) -> int:
@@ -530,7 +580,6 @@ def diffusion_by_steps(
             predictions, eval_s = caption_all(pipe, ev, steps=steps)
             write_coco_results(out_dir / "predictions" / f"diffusion_steps{steps}.json", predictions)
             r = score(predictions, ev.references) | {"eval_captioning_s": eval_s}
-            r["latency_b1_s"] = latency(pipe, ev.features, LATENCY_IMAGES, steps=steps)[0]
             r |= speed(pipe, ev.features, steps=steps)
         rows.append(
             {
@@ -543,7 +592,6 @@ def diffusion_by_steps(
                         "BLEU-4",
                         "METEOR",
                         "ROUGE_L",
-                        "latency_b1_s",
                         "throughput_b64",
                         "sampling_gflops",
                     )
@@ -570,8 +618,20 @@ def markdown(results: dict) -> str:
             lines.append(f"| {method} | " + " | ".join(_fmt(results[method].get(c)) for c in TABLE_COLUMNS) + " |")
     if results.get("diffusion_by_steps"):
         cols = ("steps", "nfe", "BLEU-4", "CIDEr", "latency_b1_s", "throughput_b64")
-        lines += ["", "Diffusion by sampling steps:", "", "| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
-        lines += ["| " + " | ".join(_fmt(row[c]) for c in cols) + " |" for row in results["diffusion_by_steps"]]
+        ar = results.get("autoregressive", {})
+        head = [*cols, *(("CIDEr / AR's", "AR's latency / this") if "latency_b1_s" in ar else ())]
+        lines += ["", "Diffusion by sampling steps:", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+        for row in results["diffusion_by_steps"]:
+            cells = [_fmt(row.get(c)) for c in cols]
+            if len(head) > len(cols):
+                cells += [f"{row['CIDEr'] / ar['CIDEr']:.2f}x", f"{ar['latency_b1_s'] / row['latency_b1_s']:.1f}x"]
+            lines.append("| " + " | ".join(cells) + " |")
+    if results.get("latency"):
+        lines += [
+            "",
+            f"Batch-1 latency: every setting measured side by side after training, the median of "
+            f"{results['latency']['rounds']} interleaved rounds of {results['latency']['images']} single captions.",
+        ]
     if results.get("diffusion_teacher"):
         teacher = results["diffusion_teacher"]
         lines += [
@@ -701,6 +761,7 @@ def run_proxy(opts: ProxyOptions) -> dict:
     }
     sampling_gflops: dict[str, Any] = {"dtype": sampling_dtype}
     trained: dict[str, dict] = {}
+    pipes: dict[str, CaptionPipeline] = {}  # each method's trained pipeline, for side_by_side_latency
     runs = opts.work / "runs"
     budget_s = opts.budget_min * 60
     try:
@@ -736,6 +797,7 @@ def run_proxy(opts: ProxyOptions) -> dict:
             if pipe.model.iterative:  # its forwards follow from the sampler settings
                 result["nfe"] = diffusion_nfe(pipe.cfg, pipe.cfg.sampler.steps)
                 result["sampler_steps"] = pipe.cfg.sampler.steps
+            pipes[name] = pipe
             results[name] = result | info
             if "distillation" in info:  # how close the student came to its teacher
                 teacher = CaptionPipeline.from_pretrained(info["distillation"]["teacher"]["run_dir"])
@@ -753,6 +815,10 @@ def run_proxy(opts: ProxyOptions) -> dict:
             rss[f"{name}_eval"] = peak_rss_mib()
             del pipe
             gc.collect()
+        if pipes:
+            say("measuring batch-1 latency, every method side by side")
+            results["latency"] = side_by_side_latency(pipes, ev, opts.steps_list)
+            fill_latencies(results)
     finally:
         reset_accelerate()
     results["sampling_gflops"] = sampling_gflops
