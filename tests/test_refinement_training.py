@@ -257,6 +257,36 @@ def test_mask_predict_sampler_keeps_confident_words_and_renoises_the_rest(clamp)
     assert len(out.trajectory) == 3
 
 
+def test_renoise_count_follows_the_linear_or_cosine_schedule():
+    from diffcap.diffusion.sampler import renoise_count
+
+    words = torch.tensor([[10], [4]])
+    linear = [renoise_count(words, k, 4).flatten().tolist() for k in range(4)]
+    assert linear == [[7, 3], [5, 2], [2, 1], [0, 0]]  # N (S-1-k) / S, rounded down
+    cosine = [renoise_count(words, k, 4, "cosine").flatten().tolist() for k in range(4)]
+    assert cosine == [[9, 3], [7, 2], [3, 1], [0, 0]]  # N cos(pi/2 (k+1) / S): 9.24, 7.07, 3.83; 3.70, 2.83, 1.53
+    assert renoise_count(words, 0, 2, "cosine").flatten().tolist() == [7, 2]  # 2 steps: 7.07, 2.83
+    assert renoise_count(words, 0, 1).flatten().tolist() == [0, 0]  # one step re-noises nothing
+
+
+def test_mask_predict_sampler_follows_the_cosine_schedule():
+    from diffcap.config import SamplerConfig
+    from diffcap.diffusion.sampler import Sampler
+    from diffcap.models.embedding import TokenEmbedding
+
+    emb = TokenEmbedding(vocab_size=12, dim=4)
+    target = torch.tensor([[5, 6, 7, 8, 0, 0]])
+    diffusion = GaussianDiffusion(DiffusionConfig(schedule="linear", num_timesteps=50))
+    model = _OracleWithConfidence(emb, target, sure=1, top=49)
+    cfg = SamplerConfig(method="mask_predict", steps=3, mask_schedule="cosine")
+    out = Sampler(model, diffusion, cfg, seq_len=6).sample(torch.zeros(1, 3), torch.Generator().manual_seed(0))
+    assert out.ids.tolist() == target.tolist()
+    # 4 words: step 2 re-noises floor(4 cos(pi/6)) = 3, all but the sure one; step 3 floor(4 cos(pi/3)) = 2
+    second, third = model.calls[1:]
+    assert (second == 49).tolist() == [[False, True, True, True, False, False]]
+    assert (third == 49).sum().item() == 2 and (third[:, [0, 4, 5]] == 0).all()
+
+
 def test_mask_predict_sampling_refuses_a_length_layout_and_classifier_guidance():
     cfg = Config()
     cfg.sampler.method = "mask_predict"

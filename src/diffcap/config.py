@@ -172,6 +172,10 @@ class SamplerConfig:
     # the first step's PAD probabilities, and keep the one whose words the model is surest of (mean log
     # probability): the "length beam" of Mask-Predict (Ghazvininejad et al. 2019, arXiv 1904.09324).
     length_beam: int = 1
+    # Mask-predict only: how many words step k+1 of S re-noises out of N. "linear": N (S-1-k) / S, CMLM's
+    # decay (Ghazvininejad et al. 2019); "cosine": N cos(pi/2 (k+1) / S), MaskGIT's (Chang et al. 2022,
+    # arXiv 2202.04653), which re-noises more in the early steps and fewer in the last.
+    mask_schedule: str = "linear"
     seed: int = 0
     beam_size: int = field(default=1, metadata={"flag": "--beam"})  # autoregressive model: 1 = greedy
     # Matmuls in bfloat16 (torch.autocast) while captioning, for both model kinds: on CPUs with bf16
@@ -321,6 +325,7 @@ CHOICES = {  # (section, key) -> the values allowed
     ("diffusion", "timestep_sampler"): ("uniform", "loss_aware", "warped", "grid"),
     ("sampler", "method"): ("ddim", "ddpm", "refine", "mask_predict"),
     ("sampler", "length"): ("free", "expected"),
+    ("sampler", "mask_schedule"): ("linear", "cosine"),
     ("sampler", "precision"): ("fp32", "bf16", "auto"),
     ("train", "lr_schedule"): ("linear", "cosine", "constant"),
     ("train", "mixed_precision"): ("no", "bf16", "fp16", "auto"),

@@ -10,6 +10,7 @@ one ``torch.Generator``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -150,12 +151,12 @@ class Sampler:
 
         Step 1 predicts every position from pure noise at t = T-1, like one DDIM step; its padding fixes
         the length (CMLM predicts the length first). Step k+1 of S keeps the words it is most confident
-        of as clean embeddings told t = 0, re-noises the n = N (S-1-k) / S least confident of the N words
-        to t = T-1, and predicts those again, never as padding; kept positions keep their word and
-        confidence (CMLM's linear decay of n). With ``clamp`` a word is the embedding nearest to the x0
-        estimate, as the DDIM sampler rounds (with score interpolation x0 is the expected embedding, whose
-        nearest word can differ from the likeliest); without it the argmax of the rounding logits. Its
-        confidence is its probability under the logits.
+        of as clean embeddings told t = 0, re-noises the n least confident of the N words to t = T-1
+        (:func:`renoise_count`: N (S-1-k) / S, CMLM's linear decay, or MaskGIT's cosine one), and predicts
+        those again, never as padding; kept positions keep their word and confidence. With ``clamp`` a
+        word is the embedding nearest to the x0 estimate, as the DDIM sampler rounds (with score
+        interpolation x0 is the expected embedding, whose nearest word can differ from the likeliest);
+        without it the argmax of the rounding logits. Its confidence is its probability under the logits.
 
         With ``length_beam = b > 1`` step 1 fixes b layouts per caption instead of one, the b likeliest
         lengths under its PAD probabilities (:func:`length_candidates`); the later steps refine all of them
@@ -198,7 +199,7 @@ class Sampler:
                 words, confidence = torch.where(renoised, best, words), torch.where(renoised, prob, confidence)
             if want_trajectory:
                 traj.append((round(top * float(renoised.float().mean())), ids[words].cpu()))
-            n = content.sum(dim=1, keepdim=True) * (steps - 1 - k) // steps
+            n = renoise_count(content.sum(dim=1, keepdim=True), k, steps, self.cfg.mask_schedule)
             if not n.any():
                 break
             rank = confidence.masked_fill(~content, float("inf")).argsort(dim=1).argsort(dim=1)
@@ -212,6 +213,17 @@ class Sampler:
             keep = score.view(-1, beam).argmax(dim=1) + torch.arange(0, len(score), beam, device=device)
             words, traj = words[keep], [(step_t, step_ids[keep.cpu()]) for step_t, step_ids in traj]
         return SampleOutput(ids=ids[words], trajectory=traj)
+
+
+def renoise_count(words: torch.Tensor, k: int, steps: int, schedule: str = "linear") -> torch.Tensor:
+    """How many of ``words`` (an integer tensor) mask-predict re-noises after step k (0-based) of ``steps``:
+    ``sampler.mask_schedule``'s linear N (S-1-k) / S or cosine N cos(pi/2 (k+1) / S), rounded down; 0 after
+    the last step."""
+    if k >= steps - 1:
+        return torch.zeros_like(words)
+    if schedule == "cosine":
+        return (words * math.cos(math.pi / 2 * (k + 1) / steps)).floor().long()
+    return words * (steps - 1 - k) // steps
 
 
 def length_candidates(p_pad: torch.Tensor, beam: int) -> torch.Tensor:
