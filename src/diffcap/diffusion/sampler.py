@@ -218,9 +218,7 @@ class Sampler:
 def renoise_count(words: torch.Tensor, k: int, steps: int, schedule: str = "linear") -> torch.Tensor:
     """How many of ``words`` (an integer tensor) mask-predict re-noises after step k (0-based) of ``steps``:
     ``sampler.mask_schedule``'s linear N (S-1-k) / S or cosine N cos(pi/2 (k+1) / S), rounded down; 0 after
-    the last step."""
-    if k >= steps - 1:
-        return torch.zeros_like(words)
+    the last step (cos(pi/2) N floors to 0)."""
     if schedule == "cosine":
         return (words * math.cos(math.pi / 2 * (k + 1) / steps)).floor().long()
     return words * (steps - 1 - k) // steps
